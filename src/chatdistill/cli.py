@@ -1,0 +1,93 @@
+"""`chatdistill` command line: one subcommand per job, each calling one plain function.
+
+User mistakes raise `UserError`; they are printed as one line and exit with status 2.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from chatdistill import __version__
+from chatdistill.errors import UserError
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a teacher into a student (or train with --loss sft)",
+        description="Train a student from a recipe (YAML) and/or flags. Flags override the recipe; "
+        "--set takes any config field as a dotted path (e.g. --set train.lr=3e-4).",
+    )
+    p.add_argument("--config", help="recipe YAML (see configs/)")
+    p.add_argument("--teacher", help="teacher model directory or hub id")
+    p.add_argument("--teacher-cache", help="teacher cache directory from `cache-teacher`")
+    p.add_argument("--student", help="student checkpoint directory or hub id")
+    p.add_argument("--student-layers", help="cut the student from the teacher: layers to keep, e.g. 0,2,4,7")
+    p.add_argument("--student-num-layers", type=int, help="cut the student: keep N evenly spaced layers")
+    p.add_argument("--student-config", help="fresh student from a config.json (or a model dir's config)")
+    p.add_argument("--tokenizer", help="tokenizer directory (defaults to the teacher's or student's)")
+    p.add_argument("--data", help="training data: JSONL or Parquet of chat rows")
+    p.add_argument("--validation", help="validation data (default: a split of --data by conversation)")
+    p.add_argument("--output", help="output directory")
+    p.add_argument("--loss", choices=["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "sft"])
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--on-policy-fraction", type=float, help="fraction of steps on student samples")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field")
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> None:
+    from chatdistill.config import load_distill_config
+    from chatdistill.train import train
+
+    flags = {
+        "teacher": args.teacher,
+        "teacher_cache": args.teacher_cache,
+        "student": args.student,
+        "student_layers": args.student_layers,
+        "student_num_layers": args.student_num_layers,
+        "student_config": args.student_config,
+        "tokenizer": args.tokenizer,
+        "data.train": args.data,
+        "data.validation": args.validation,
+        "output": args.output,
+        "loss.kind": args.loss,
+        "train.max_steps": args.max_steps,
+        "on_policy.fraction": args.on_policy_fraction,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    cfg = load_distill_config(args.config, overrides, args.set)
+    train(cfg, resume=args.resume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatdistill",
+        description="Distil a large chat model into a small, fast student; evaluate, serve and "
+        "export it. Runs offline unless you pass a hub id.",
+    )
+    parser.add_argument("--version", action="version", version=f"chatdistill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_distill(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
