@@ -1,3 +1,3 @@
-"""chatdistill: distil a large chat model into a small, fast one, then evaluate, serve and ship it."""
+"""chatdistill: distil a large chat model into a small, fast one; evaluate, serve, ship it."""
 
 __version__ = "0.1.0"

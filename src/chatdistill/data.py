@@ -1,0 +1,270 @@
+"""Chat data: read rows, render with the chat template, mask the loss, batch with little padding.
+
+A row is `{"messages": [{"role": ..., "content": ...}, ...], ...}` (OpenAI chat shape, multi-turn)
+or `{"prompt": ..., "completion": ...}`; other fields (e.g. `answer`) are kept. A row whose last
+turn is the user's is prompt-only: on-policy training and `generate-data` answer it; modes that
+need a reference answer refuse it.
+"""
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chatdistill.errors import UserError
+from chatdistill.tokenizer import CHATML_TEMPLATE
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One rendered conversation. `labels` is aligned with `input_ids` (-100 = no loss)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, object]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(
+                    f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line"
+                ) from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise UserError(f"{path}: cannot read Parquet file ({e})") from None
+    return [(n, r) for n, r in enumerate(table.to_pylist(), 1)]
+
+
+def _normalise(row: object, loc: str) -> dict:
+    if not isinstance(row, dict):
+        raise UserError(f"{loc}: expected a JSON object with 'messages' or 'prompt'/'completion'")
+    if "messages" not in row:
+        if "prompt" in row:
+            msgs = [{"role": "user", "content": row["prompt"]}]
+            if row.get("completion") is not None:
+                msgs.append({"role": "assistant", "content": row["completion"]})
+            rest = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+            row = {"messages": msgs, **rest}
+        else:
+            raise UserError(f"{loc}: row has no 'messages' (or 'prompt'/'completion') field")
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{loc}: 'messages' must be a non-empty list of {{role, content}} objects")
+    clean = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{loc}: messages[{i}] needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise UserError(
+                f"{loc}: messages[{i}] has unknown role {m['role']!r}; "
+                f"use one of {', '.join(ROLES)}"
+            )
+        if not isinstance(m["content"], str):
+            raise UserError(f"{loc}: messages[{i}].content must be a string")
+        clean.append({"role": m["role"], "content": m["content"]})
+    if all(m["role"] == "system" for m in clean):
+        raise UserError(f"{loc}: conversation has no user or assistant turn")
+    return {**row, "messages": clean}
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """Read JSONL or Parquet chat rows, validated and normalised to the `messages` shape."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: data file not found")
+    raw = _read_parquet(p) if p.suffix == ".parquet" else _read_jsonl(p)
+    rows = [_normalise(r, f"{p}:{n}") for n, r in raw]
+    if not rows:
+        raise UserError(f"{p}: dataset is empty")
+    return rows
+
+
+def has_reference(messages: list[dict]) -> bool:
+    """True when the conversation ends with an assistant turn (it can be trained on directly)."""
+    return messages[-1]["role"] == "assistant"
+
+
+def split_prompt_reference(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """Messages before the last assistant turn and that turn's text (None for prompt-only rows)."""
+    if has_reference(messages):
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def require_references(rows: list[dict], path: str | Path, mode: str) -> None:
+    """Refuse prompt-only rows in modes that train on reference answers."""
+    for n, row in enumerate(rows, 1):
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            raise UserError(
+                f"{path}: row {n} has no assistant answer, which {mode} needs; prompt-only rows "
+                "work with on-policy training (--on-policy-fraction) or `chatdistill generate-data`"
+            )
+
+
+def _template(tokenizer) -> str | None:
+    return None if getattr(tokenizer, "chat_template", None) else CHATML_TEMPLATE
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` followed by the assistant generation prompt."""
+    return tokenizer.apply_chat_template(
+        messages,
+        chat_template=_template(tokenizer),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+
+
+def _render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages,
+        chat_template=_template(tokenizer),
+        add_generation_prompt=add_generation_prompt,
+        tokenize=False,
+    )
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return its text and the character spans of assistant turns.
+
+    Each span runs from the end of the generation prompt before the turn to the end of the
+    rendering that includes it, so the turn's end-of-turn token is learned too (that is what makes
+    the model stop).
+    """
+    text = _render_text(tokenizer, messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render_text(tokenizer, messages[:i], True) if i else ""
+        through = _render_text(tokenizer, messages[: i + 1], False)
+        if not text.startswith(through) or not through.startswith(before):
+            raise UserError(
+                "the tokenizer's chat template does not render conversations incrementally, so "
+                "assistant tokens cannot be located; pass a tokenizer with a standard template"
+            )
+        end = len(through.rstrip("\n")) if through.endswith("\n") else len(through)
+        spans.append((len(before), end))
+    return text, spans
+
+
+def render_example(tokenizer, messages: list[dict], max_length: int) -> Example | None:
+    """Tokenise a conversation with loss on assistant tokens only, truncated to `max_length`.
+
+    Returns None when no assistant token survives truncation (the caller counts those).
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
+    labels = [IGNORE] * len(ids)
+    for j, (start, end) in enumerate(offsets):
+        if end > start and any(a <= start < b for a, b in spans):
+            labels[j] = ids[j]
+    if all(label == IGNORE for label in labels):
+        return None
+    return Example(ids, labels)
+
+
+@dataclass
+class Dataset:
+    """Rendered examples plus how many rows were dropped by truncation."""
+
+    examples: list[Example]
+    dropped: int
+    source: str
+
+    def tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+
+def build_dataset(rows: list[dict], tokenizer, max_length: int, source: str) -> Dataset:
+    """Render rows (all must carry an answer) into a Dataset; refuse an empty result."""
+    examples, dropped = [], 0
+    for row in rows:
+        ex = render_example(tokenizer, row["messages"], max_length)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    if not examples:
+        raise UserError(
+            f"{source}: no conversation keeps an assistant token within max_length={max_length}; "
+            "raise data.max_length"
+        )
+    return Dataset(examples, dropped, source)
+
+
+def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split by conversation into (train, validation); validation gets at least one row."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(rows) * fraction)) if len(rows) > 1 else 0
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in val], [rows[i] for i in sorted(val)]
+
+
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 64
+) -> list[list[int]]:
+    """Shuffle, then sort within windows of `group` batches so batches hold similar lengths.
+
+    Deterministic in (seed, epoch): a resumed run sees the same order. Returns batches of indices.
+    """
+    rng = random.Random(seed * 100003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * group
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example -> input_ids, labels, attention_mask, each (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def iter_batches(
+    dataset: Dataset, batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0
+) -> Iterator[tuple[int, int, list[Example]]]:
+    """Endless (epoch, batch_index, examples) stream, resumable at (start_epoch, start_batch)."""
+    lengths = [len(e.input_ids) for e in dataset.examples]
+    epoch = start_epoch
+    while True:
+        batches = length_grouped_batches(lengths, batch_size, seed, epoch)
+        first = start_batch if epoch == start_epoch else 0
+        for b in range(first, len(batches)):
+            yield epoch, b, [dataset.examples[i] for i in batches[b]]
+        epoch += 1

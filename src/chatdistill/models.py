@@ -1,0 +1,162 @@
+"""Load teachers and students, check that their vocabularies agree, cut students from teachers.
+
+Models load from a local directory, or from a hub id only when the user passed one (a path that
+does not exist and looks like `org/name`). Weights are read as safetensors; remote code is never
+trusted.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from chatdistill.errors import UserError
+
+
+def _check_source(name: str, what: str) -> str:
+    p = Path(name)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{what} {name}: directory has no config.json; is it a model dir?")
+        return str(p)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a hub id the user asked for
+    raise UserError(f"{what} {name}: no such directory")
+
+
+def load_tokenizer(name: str, what: str = "tokenizer"):
+    """Tokenizer from a model dir or hub id, with a pad token (falls back to EOS)."""
+    src = _check_source(name, what)
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{what} {name}: cannot load tokenizer ({str(e).splitlines()[0]})"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name: str, what: str = "model", dtype: torch.dtype | None = None, device: str | None = None
+) -> PreTrainedModel:
+    """AutoModelForCausalLM from a dir or hub id, safetensors only, no remote code."""
+    src = _check_source(name, what)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {name}: cannot load model ({str(e).splitlines()[0]})") from None
+    return model.to(device) if device else model
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A stable hash of the vocabulary and special tokens (used to compare and to key caches)."""
+    import hashlib
+
+    vocab = sorted(tok.get_vocab().items())
+    blob = json.dumps([vocab, tok.eos_token, tok.bos_token, tok.pad_token], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_vocab(teacher_tok, student_tok, teacher_model=None, student_model=None) -> int:
+    """Return the shared vocabulary size, or raise if the two cannot be distilled token by token.
+
+    Identical tokenizers are required. Embedding matrices may be padded to different sizes (as
+    Qwen2.5 151936 vs 152064); then only the tokenizer's vocabulary is compared.
+    """
+    nt, ns = len(teacher_tok), len(student_tok)
+    if nt != ns or tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
+        raise UserError(
+            f"teacher and student tokenizers differ (vocab {nt} vs {ns}); distillation on logits "
+            "needs the same tokenizer: cut the student from the teacher or pick one of its family"
+        )
+    for model, who in ((teacher_model, "teacher"), (student_model, "student")):
+        if model is not None and model.get_output_embeddings().weight.shape[0] < nt:
+            rows = model.get_output_embeddings().weight.shape[0]
+            raise UserError(f"{who} output layer has {rows} rows, fewer than the vocab ({nt})")
+    return nt
+
+
+def _layer_list(model: PreTrainedModel) -> tuple[object, str]:
+    """The module holding the decoder layers and the attribute name of the ModuleList."""
+    base = model.base_model
+    for attr in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, attr, None), torch.nn.ModuleList):
+            return base, attr
+    raise UserError(f"cannot find the decoder layers of {type(model).__name__} to cut a student")
+
+
+def even_layers(n_teacher: int, n_keep: int) -> list[int]:
+    """n_keep evenly spaced layer indices including the first and the last."""
+    if not 1 <= n_keep <= n_teacher:
+        raise UserError(f"student_num_layers={n_keep}: must be between 1 and {n_teacher}")
+    if n_keep == 1:
+        return [0]
+    return sorted({round(i * (n_teacher - 1) / (n_keep - 1)) for i in range(n_keep)})
+
+
+def cut_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A student that keeps `layers` of the teacher (weights copied), everything else shared."""
+    holder, attr = _layer_list(teacher)
+    n = len(getattr(holder, attr))
+    if not layers or any(i < 0 or i >= n for i in layers) or len(set(layers)) != len(layers):
+        raise UserError(f"student_layers={layers}: need distinct indices in 0..{n - 1}")
+    student = copy.deepcopy(teacher)
+    s_holder, _ = _layer_list(student)
+    kept = torch.nn.ModuleList([getattr(s_holder, attr)[i] for i in sorted(layers)])
+    for new_idx, layer in enumerate(kept):
+        attn = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_idx  # KV-cache slots are indexed by position in the stack
+    setattr(s_holder, attr, kept)
+    cfg = student.config
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, len(kept))
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in sorted(layers)]
+    student.requires_grad_(True)
+    return student
+
+
+def student_from_config(path: str, vocab_size: int) -> PreTrainedModel:
+    """A freshly initialised model from a config.json (or a model dir's config)."""
+    p = Path(path)
+    cfg_file = p / "config.json" if p.is_dir() else p
+    if not cfg_file.is_file():
+        raise UserError(f"student_config {path}: no config.json there")
+    try:
+        cfg = AutoConfig.from_pretrained(str(cfg_file))
+    except (OSError, ValueError) as e:
+        raise UserError(f"student_config {path}: {str(e).splitlines()[0]}") from None
+    if getattr(cfg, "vocab_size", vocab_size) < vocab_size:
+        raise UserError(
+            f"student_config {path}: vocab_size {cfg.vocab_size} < tokenizer vocab {vocab_size}"
+        )
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def hidden_and_head(model: PreTrainedModel):
+    """(base model, output head) so callers can select positions before the vocab projection.
+
+    The head applies the model's final-logit softcapping where the architecture has one.
+    """
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+
+        def capped(h: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(head(h) / cap) * cap
+
+        return model.base_model, capped
+    return model.base_model, head

@@ -1,0 +1,220 @@
+"""Everything `train` needs before the first step: tokenizer, data, teacher, student, optimizer.
+
+The student is wrapped in `StudentLoss`, a module whose forward computes the loss sums, so that
+accelerate's wrappers (DDP, FSDP, DeepSpeed) see the whole computation in their forward pass.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from chatdistill.config import DistillConfig
+from chatdistill.data import (
+    Dataset,
+    build_dataset,
+    has_reference,
+    load_rows,
+    require_references,
+    split_rows,
+)
+from chatdistill.errors import UserError
+from chatdistill.losses import chunked_loss_sums
+from chatdistill.models import (
+    check_vocab,
+    count_parameters,
+    cut_student,
+    even_layers,
+    hidden_and_head,
+    load_model,
+    load_tokenizer,
+    student_from_config,
+)
+from chatdistill.teacher import LiveTeacher, TeacherSource, loss_positions
+
+
+class StudentLoss(torch.nn.Module):
+    """forward(batch, teacher targets) -> (ce_sum, kd_sum) on loss-carrying positions only."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, cfg: DistillConfig):
+        super().__init__()
+        self.model = model
+        self.vocab_size = vocab_size
+        self.loss_cfg = cfg.loss
+
+    def forward(self, input_ids, attention_mask, labels, teacher_fn=None):
+        base, head = hidden_and_head(self.model)
+        sel = loss_positions(labels)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        lc = self.loss_cfg
+        return chunked_loss_sums(
+            hidden[:, :-1][sel],
+            lambda x: head(x)[:, : self.vocab_size],
+            labels[:, 1:][sel],
+            teacher_fn,
+            lc.kind,
+            beta=lc.beta,
+            skew=lc.skew,
+            temperature=lc.temperature,
+            chunk_size=lc.chunk_size,
+        )
+
+
+@dataclass
+class Setup:
+    cfg: DistillConfig
+    accelerator: Accelerator
+    tokenizer: object
+    pad_id: int
+    vocab_size: int
+    train_data: Dataset | None
+    val_data: Dataset | None
+    teacher: TeacherSource | None
+    val_teacher: TeacherSource | None
+    loss_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ce_weight: float
+    prompt_rows: list
+
+    @property
+    def student(self) -> torch.nn.Module:
+        """The bare student model (unwrapped from DDP/FSDP)."""
+        return self.accelerator.unwrap_model(self.loss_module).model
+
+
+def lr_lambda(cfg: DistillConfig):
+    """Linear warmup to the peak, cosine decay to min_lr_ratio of it at max_steps."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _check_mode(cfg: DistillConfig) -> None:
+    if cfg.is_sft:
+        return
+    if cfg.teacher is None and cfg.teacher_cache is None:
+        raise UserError(f"loss {cfg.loss.kind!r} needs --teacher or --teacher-cache, or --loss sft")
+    if cfg.teacher_cache and cfg.on_policy.fraction > 0:
+        raise UserError(
+            "--on-policy-fraction needs a live teacher to score the student's samples; "
+            "pass --teacher instead of --teacher-cache"
+        )
+
+
+def _data(cfg: DistillConfig, tokenizer) -> tuple[Dataset | None, Dataset | None, list]:
+    """(train, validation, prompt rows). Prompt-only rows are kept for on-policy steps only."""
+    if cfg.data.train is None:
+        raise UserError("no training data: pass --data FILE (JSONL or Parquet chat rows)")
+    rows = load_rows(cfg.data.train)
+    with_ref = [r for r in rows if has_reference(r["messages"])]
+    fraction = cfg.on_policy.fraction
+    if fraction == 0:
+        require_references(rows, cfg.data.train, "SFT" if cfg.is_sft else "off-policy distillation")
+    elif fraction < 1 and not with_ref:
+        raise UserError(
+            f"{cfg.data.train}: no row has an answer for the off-policy steps; "
+            "use --on-policy-fraction 1 for prompt-only data"
+        )
+    if cfg.data.validation:
+        val_rows = load_rows(cfg.data.validation)
+        require_references(val_rows, cfg.data.validation, "validation")
+    elif with_ref:
+        with_ref, val_rows = split_rows(with_ref, cfg.data.val_fraction, cfg.train.seed)
+    else:
+        val_rows = []
+    n = cfg.data.max_length
+    train = build_dataset(with_ref, tokenizer, n, str(cfg.data.train)) if with_ref else None
+    source = str(cfg.data.validation or cfg.data.train)
+    val = build_dataset(val_rows, tokenizer, n, source) if val_rows else None
+    return train, val, rows if fraction > 0 else []
+
+
+def _student(cfg: DistillConfig, teacher_model, vocab: int, tokenizer) -> torch.nn.Module:
+    if cfg.student:
+        model = load_model(cfg.student, "student")
+        check_vocab(tokenizer, load_tokenizer(cfg.student, "student"), teacher_model, model)
+        return model
+    if cfg.student_config:
+        return student_from_config(cfg.student_config, vocab)
+    if cfg.student_layers is not None or cfg.student_num_layers is not None:
+        if teacher_model is None:
+            teacher_model = load_model(cfg.teacher, "teacher") if cfg.teacher else None
+        if teacher_model is None:
+            raise UserError("cutting a student from the teacher needs --teacher (its weights)")
+        layers = cfg.student_layers
+        if layers is None:
+            n = teacher_model.config.num_hidden_layers
+            layers = even_layers(n, cfg.student_num_layers)
+        return cut_student(teacher_model, layers)
+    raise UserError(
+        "no student: pass --student DIR, --student-layers/--student-num-layers (cut from the "
+        "teacher) or --student-config config.json"
+    )
+
+
+def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
+    """Load and check everything; return the prepared Setup (errors are UserErrors)."""
+    _check_mode(cfg)
+    tok_src = cfg.tokenizer or cfg.teacher or cfg.student
+    if tok_src is None:
+        raise UserError("no tokenizer: pass --tokenizer DIR (or a --teacher / --student)")
+    tokenizer = load_tokenizer(tok_src)
+    train_data, val_data, prompt_rows = _data(cfg, tokenizer)
+    teacher_model = None
+    if cfg.teacher and not cfg.is_sft and not cfg.teacher_cache:
+        teacher_model = load_model(cfg.teacher, "teacher")
+        check_vocab(tokenizer, load_tokenizer(cfg.teacher, "teacher"), teacher_model)
+    vocab = len(tokenizer)
+    student = _student(cfg, teacher_model, vocab, tokenizer)
+    if student.get_output_embeddings().weight.shape[0] < vocab:
+        raise UserError(f"student output layer is smaller than the tokenizer vocab ({vocab})")
+    teacher = val_teacher = None
+    if teacher_model is not None:
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        teacher_model = teacher_model.to(accelerator.device, dtype=dtype)
+        teacher = val_teacher = LiveTeacher(teacher_model, vocab)
+    elif cfg.teacher_cache:
+        from chatdistill.cache import CachedTeacher
+
+        teacher = CachedTeacher.open(cfg, tokenizer, train_data)
+    loss_module = StudentLoss(student, vocab, cfg)
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    loss_module, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
+    if accelerator.is_main_process:
+        t_params = count_parameters(teacher_model) if teacher_model is not None else None
+        s_params = count_parameters(student)
+        ratio = f" ({s_params / t_params:.1%} of the teacher)" if t_params else ""
+        n_train = len(train_data.examples) if train_data else 0
+        dropped = train_data.dropped if train_data else 0
+        n_val = len(val_data.examples) if val_data else 0
+        print(
+            f"student: {s_params:,} parameters{ratio}; train {n_train} conversations "
+            f"({dropped} dropped by truncation), {len(prompt_rows)} prompts, validation {n_val}"
+        )
+    return Setup(
+        cfg=cfg,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        pad_id=tokenizer.pad_token_id,
+        vocab_size=vocab,
+        train_data=train_data,
+        val_data=val_data,
+        teacher=teacher,
+        val_teacher=val_teacher,
+        loss_module=loss_module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ce_weight=1.0 if cfg.is_sft else cfg.loss.ce_weight,
+        prompt_rows=prompt_rows,
+    )

@@ -1,0 +1,203 @@
+"""`train(cfg)`: one readable distillation loop on accelerate (one CPU, one GPU or many processes).
+
+Each optimizer step draws `grad_accum` micro-batches per process, counts the loss-carrying tokens
+of the whole step across processes, and divides the summed loss by that count, so accumulation and
+process count do not change the result. Only positions that carry loss are projected to the
+vocabulary (see losses.chunked_loss_sums).
+"""
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from chatdistill import checkpoint as ckpt
+from chatdistill.config import DistillConfig, save_config
+from chatdistill.data import Dataset, collate, iter_batches
+from chatdistill.errors import UserError
+from chatdistill.losses import reduce_step
+from chatdistill.progress import TrainProgress
+from chatdistill.setup import Setup, prepare
+from chatdistill.teacher import loss_positions
+
+
+def _loss_sums(s: Setup, batch: dict, examples: list, teacher) -> tuple[torch.Tensor, ...]:
+    """Student loss sums on one micro-batch -> (ce_sum, kd_sum), scalars."""
+    teacher_fn = teacher.targets(batch, examples) if teacher is not None else None
+    return s.loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_fn)
+
+
+@torch.no_grad()
+def evaluate_split(s: Setup, dataset: Dataset, teacher) -> dict[str, float]:
+    """Token-weighted validation CE (and divergence when a teacher is present)."""
+    was_training = s.loss_module.training
+    s.loss_module.eval()
+    ce = kd = n = 0.0
+    bs = s.cfg.train.batch_size
+    ex = dataset.examples
+    for i in range(s.accelerator.process_index * bs, len(ex), bs * s.accelerator.num_processes):
+        chunk = ex[i : i + bs]
+        batch = {k: v.to(s.accelerator.device) for k, v in collate(chunk, s.pad_id).items()}
+        c, k = _loss_sums(s, batch, chunk, teacher)
+        ce, kd, n = ce + c.item(), kd + k.item(), n + loss_positions(batch["labels"]).sum().item()
+    totals = s.accelerator.reduce(torch.tensor([ce, kd, n], device=s.accelerator.device), "sum")
+    ce, kd, n = totals.tolist()
+    s.loss_module.train(was_training)
+    out = {"val_ce": ce / max(n, 1), "val_ppl": math.exp(min(ce / max(n, 1), 50))}
+    if teacher is not None:
+        out["val_kd"] = kd / max(n, 1)
+    return out
+
+
+class MetricsLog:
+    """Append-only JSON lines in OUTPUT/metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: DistillConfig, resume: bool = False) -> Path:
+    """Run the recipe; return the output directory holding the final student."""
+    transformers.utils.logging.disable_progress_bar()
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg))
+    set_seed(cfg.train.seed)
+    out = Path(cfg.output)
+    previous = ckpt.latest_checkpoint(out)
+    if not resume and previous is not None:
+        raise UserError(
+            f"{out} already has checkpoints; pass --resume to continue or choose a new --output"
+        )
+    if resume and previous is None and accelerator.is_main_process:
+        print(f"no checkpoint in {out}; starting from scratch")
+    s = prepare(cfg, accelerator)
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "chatdistill_config.yaml")
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+
+    state = {"step": 0, "epoch": 0, "next_batch": 0, "tokens": 0, "pad": 0, "slots": 0}
+    if resume and previous is not None:
+        state.update(ckpt.load_checkpoint(accelerator, previous))
+        if accelerator.is_main_process:
+            print(f"resumed from {previous} (step {state['step']})")
+    _run_loop(s, state, log, out)
+    return out
+
+
+def _mixed_precision(cfg: DistillConfig) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if p == "bf16" else "no"
+
+
+def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
+    acc, t = s.accelerator, s.cfg.train
+    world, rank = acc.num_processes, acc.process_index
+    batches = iter_batches(s.train_data, t.batch_size, t.seed, state["epoch"], state["next_batch"])
+    progress = TrainProgress(t.max_steps, state["step"], enabled=acc.is_main_process)
+    s.loss_module.train()
+    try:
+        while state["step"] < t.max_steps:
+            started = time.perf_counter()
+            drawn = [next(batches) for _ in range(t.grad_accum * world)]
+            epoch, b, _ = drawn[-1]
+            mine = [
+                (ex, {k: v.to(acc.device) for k, v in collate(ex, s.pad_id).items()})
+                for _, _, ex in drawn[rank::world]
+            ]
+            local = sum(loss_positions(batch["labels"]).sum().item() for _, batch in mine)
+            step_tokens = acc.reduce(torch.tensor(local, device=acc.device), "sum").item()
+            ce_tot = kd_tot = 0.0
+            for i, (ex, batch) in enumerate(mine):
+                sync = i == len(mine) - 1
+                with nullcontext() if sync else acc.no_sync(s.loss_module):
+                    ce, kd = _loss_sums(s, batch, ex, s.teacher)
+                    loss = reduce_step(ce, kd, s.ce_weight, step_tokens) * world
+                    acc.backward(loss)
+                ce_tot, kd_tot = ce_tot + ce.item(), kd_tot + kd.item()
+            sums = acc.reduce(torch.tensor([ce_tot, kd_tot], device=acc.device), "sum").tolist()
+            loss_value = (s.ce_weight * sums[0] + (1 - s.ce_weight) * sums[1]) / max(step_tokens, 1)
+            if not math.isfinite(loss_value):
+                last = ckpt.latest_checkpoint(out)
+                raise UserError(
+                    f"loss is {loss_value} at step {state['step'] + 1}; stopped without applying "
+                    f"it (last good checkpoint: {last or 'none'}); lower train.lr or check the data"
+                )
+            grad_norm = acc.clip_grad_norm_(s.loss_module.parameters(), t.max_grad_norm)
+            s.optimizer.step()
+            s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            state.update(step=state["step"] + 1, epoch=epoch, next_batch=b + 1)
+            real = sum(int(batch["attention_mask"].sum()) for _, batch in mine)
+            slots = sum(batch["attention_mask"].numel() for _, batch in mine)
+            state.update(tokens=state["tokens"] + real, pad=state["pad"] + slots - real)
+            state["slots"] += slots
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": state["step"],
+                "loss": loss_value,
+                "ce": sums[0] / max(step_tokens, 1),
+                "lr": s.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": real * world / elapsed,
+                "padding_fraction": state["pad"] / max(state["slots"], 1),
+            }
+            if s.teacher is not None:
+                record["kd"] = sums[1] / max(step_tokens, 1)
+            progress.update(record)
+            if state["step"] % t.log_every == 0 or state["step"] == t.max_steps:
+                log.write(record)
+            _maybe_eval_and_save(s, state, log, out, progress)
+    except KeyboardInterrupt:
+        progress.close()
+        path = ckpt.save_checkpoint(acc, out, state["step"], state, t.keep_last)
+        if acc.is_main_process:
+            print(f"interrupted: checkpoint saved to {path}; rerun with --resume to continue")
+        raise
+    progress.close()
+    _finish(s, state, log, out)
+
+
+def _maybe_eval_and_save(s: Setup, state: dict, log, out: Path, progress) -> None:
+    t, step = s.cfg.train, state["step"]
+    if s.val_data and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+        record = {"step": step, "split": "val", **evaluate_split(s, s.val_data, s.val_teacher)}
+        log.write(record)
+        progress.note(record)
+    if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+        ckpt.save_checkpoint(s.accelerator, out, step, state, t.keep_last)
+
+
+def _finish(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
+    acc = s.accelerator
+    final_eval = {"step": state["step"], "split": "val"}
+    if s.val_data:
+        final_eval.update(evaluate_split(s, s.val_data, s.val_teacher))
+        log.write(final_eval)
+    ckpt.save_checkpoint(acc, out, state["step"], state, s.cfg.train.keep_last)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        ckpt.save_final_model(s.student, s.tokenizer, out)
+        summary = {
+            "steps": state["step"],
+            "train_tokens": state["tokens"],
+            "padding_fraction": state["pad"] / max(state["slots"], 1),
+            "train_dropped_by_truncation": s.train_data.dropped,
+            **final_eval,
+        }
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        val = f"val CE {final_eval['val_ce']:.3f}, " if "val_ce" in final_eval else ""
+        print(f"saved student to {out} ({val}padding {summary['padding_fraction']:.1%})")
+    acc.wait_for_everyone()
