@@ -62,6 +62,63 @@ def _run_distill(args: argparse.Namespace) -> None:
     train(cfg, resume=args.resume)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model: OpenAI-compatible API, web chat page, Prometheus metrics",
+        description="Serve MODEL_DIR over HTTP: POST /v1/chat/completions and /v1/completions "
+        "(streaming with SSE, continuous batching), GET /v1/models, /health, /metrics, and a chat "
+        "page at /. Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="model directory (HF format)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CHATDISTILL_API_KEY)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="requests decoded together (default: 8)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="cancel a request after S seconds, queue time included (default: 300)",
+    )
+    p.add_argument("--model-name", help="name served in /v1/models (default: the directory name)")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from chatdistill.serve.app import run_server
+
+    for flag, value in [
+        ("--port", args.port),
+        ("--max-batch", args.max_batch),
+        ("--max-queue", args.max_queue),
+        ("--request-timeout", args.request_timeout),
+    ]:
+        if value <= 0 and not (flag == "--port" and value == 0):
+            raise UserError(f"{flag} must be positive, got {value}")
+    run_server(
+        args.model_dir,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        api_key=args.api_key or os.environ.get("CHATDISTILL_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        device=args.device,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatdistill",
@@ -71,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chatdistill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_distill(sub)
+    _add_serve(sub)
     return parser
 
 
