@@ -15,11 +15,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from chatdistill.errors import UserError
 
 
-def _check_source(name: str, what: str) -> str:
+def _check_source(name: str, what: str, needs: tuple[str, ...] = ("config.json",)) -> str:
     p = Path(name)
     if p.exists():
-        if not (p / "config.json").is_file():
-            raise UserError(f"{what} {name}: directory has no config.json; is it a model dir?")
+        if not any((p / f).is_file() for f in needs):
+            raise UserError(f"{what} {name}: no {' or '.join(needs)} there; is it a model dir?")
         return str(p)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name  # a hub id the user asked for
@@ -28,7 +28,7 @@ def _check_source(name: str, what: str) -> str:
 
 def load_tokenizer(name: str, what: str = "tokenizer"):
     """Tokenizer from a model dir or hub id, with a pad token (falls back to EOS)."""
-    src = _check_source(name, what)
+    src = _check_source(name, what, ("tokenizer.json", "tokenizer_config.json"))
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:

@@ -166,7 +166,8 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
     tok_src = cfg.tokenizer or cfg.teacher or cfg.student
     if tok_src is None:
         raise UserError("no tokenizer: pass --tokenizer DIR (or a --teacher / --student)")
-    tokenizer = load_tokenizer(tok_src)
+    what = "tokenizer" if cfg.tokenizer else "teacher" if cfg.teacher else "student"
+    tokenizer = load_tokenizer(tok_src, what)
     train_data, val_data, prompt_rows = _data(cfg, tokenizer)
     teacher_model = None
     if cfg.teacher and not cfg.is_sft and not cfg.teacher_cache:

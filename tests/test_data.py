@@ -1,0 +1,135 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from chatdistill.data import (
+    IGNORE,
+    build_dataset,
+    collate,
+    length_grouped_batches,
+    load_rows,
+    render_example,
+    split_prompt_reference,
+    split_rows,
+)
+from chatdistill.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "How much is the lamp?"},
+    {"role": "assistant", "content": "The lamp costs 12 euros."},
+    {"role": "user", "content": "Do you ship it to Oslo?"},
+    {"role": "assistant", "content": "Yes, we ship the lamp to Oslo."},
+]
+
+
+def _learned_text(tok, ex):
+    return tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+
+
+def test_loss_is_on_assistant_turns_only_including_end_of_turn(tok):
+    ex = render_example(tok, CONV, 512)
+    learned = _learned_text(tok, ex)
+    assert learned == ("The lamp costs 12 euros.<|im_end|>Yes, we ship the lamp to Oslo.<|im_end|>")
+    assert "How much" not in learned and "Be brief" not in learned
+
+
+def test_truncation_that_removes_every_answer_drops_the_example(tok):
+    assert render_example(tok, CONV, 6) is None
+
+
+def test_truncation_keeps_a_partial_answer(tok):
+    full = render_example(tok, CONV, 512)
+    first = next(i for i, lab in enumerate(full.labels) if lab != IGNORE)
+    ex = render_example(tok, CONV, first + 3)
+    assert len(ex.input_ids) == first + 3
+    assert ex.labels == full.labels[: first + 3]
+
+
+def test_prompt_completion_rows_become_a_conversation(tmp_path):
+    f = tmp_path / "pc.jsonl"
+    f.write_text(json.dumps({"prompt": "hi", "completion": "hello", "answer": "x"}) + "\n")
+    (row,) = load_rows(f)
+    assert row["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    assert row["answer"] == "x"
+
+
+def test_parquet_rows_load_like_jsonl(tmp_path):
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": CONV}]), f)
+    assert load_rows(f)[0]["messages"] == CONV
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "chat.jsonl:2: not valid JSON"),
+        ('{"text": "x"}', "chat.jsonl:2: row has no 'messages'"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "unknown role 'bot'"),
+        ('{"messages": []}', "'messages' must be a non-empty list"),
+        ('{"messages": [{"role": "user", "content": 3}]}', "content must be a string"),
+        ('{"messages": [{"role": "user"}]}', "needs 'role' and 'content'"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, line, message):
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": CONV}) + "\n" + line + "\n")
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_rows(f)
+
+
+def test_missing_and_empty_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_rows(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        load_rows(tmp_path / "empty.jsonl")
+
+
+def test_split_prompt_reference():
+    prompt, ref = split_prompt_reference(CONV)
+    assert prompt == CONV[:-1] and ref == "Yes, we ship the lamp to Oslo."
+    assert split_prompt_reference(CONV[:2]) == (CONV[:2], None)
+
+
+def test_split_is_by_conversation_and_deterministic(chat_rows):
+    a = split_rows(chat_rows, 0.25, seed=1)
+    b = split_rows(chat_rows, 0.25, seed=1)
+    assert a == b
+    train, val = a
+    assert len(val) == 16 and len(train) + len(val) == len(chat_rows)
+    assert not any(v in train for v in val)
+
+
+def test_length_grouping_wastes_less_padding_than_random_batches(tok, chat_rows):
+    ds = build_dataset(chat_rows, tok, 512, "test")
+    lengths = [len(e.input_ids) for e in ds.examples]
+
+    def pad_fraction(batches):
+        slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        return 1 - sum(lengths) / slots
+
+    grouped = length_grouped_batches(lengths, 8, seed=0, epoch=0)
+    naive = [list(range(i, min(i + 8, len(lengths)))) for i in range(0, len(lengths), 8)]
+    assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
+    assert pad_fraction(grouped) < pad_fraction(naive)
+
+
+def test_collate_pads_right_and_masks(tok):
+    ex = [render_example(tok, CONV, 512), render_example(tok, CONV[:3], 512)]
+    batch = collate(ex, tok.pad_token_id)
+    n = len(ex[1].input_ids)
+    assert batch["attention_mask"][1, n:].sum() == 0
+    assert (batch["labels"][1, n:] == IGNORE).all()

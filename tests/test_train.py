@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatdistill import train as train_mod
+from chatdistill.config import load_distill_config
+from chatdistill.errors import UserError
+from chatdistill.train import train
+
+from conftest import build_tiny_model, make_conversations, write_jsonl
+
+
+def _cfg(out, teacher, data, **over):
+    base = {
+        "teacher": str(teacher) if teacher else None,
+        "student_num_layers": 2,
+        "data.train": str(data),
+        "output": str(out),
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.eval_every": 0,
+        "train.save_every": 2,
+        "train.warmup_steps": 1,
+    }
+    base.update(over)
+    return load_distill_config(None, {k: v for k, v in base.items() if v is not None})
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_distilled_student_loads_with_transformers_and_chats(
+    tmp_path, tiny_models, chat_file, arch
+):
+    out = train(_cfg(tmp_path / "out", tiny_models[arch], chat_file, **{"loss.kind": "jsd"}))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2 if arch != "gpt2" else model.config.n_layer == 2
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "How much is the lamp?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    assert model.generate(**prompt, max_new_tokens=3).shape[1] > prompt["input_ids"].shape[1]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd" in r and "padding_fraction" in r for r in lines)
+    assert any(r.get("split") == "val" and "val_kd" in r for r in lines)
+    assert (out / "chatdistill_config.yaml").is_file()
+
+
+def test_interrupted_run_resumed_equals_uninterrupted(
+    tmp_path, tiny_models, chat_file, monkeypatch
+):
+    full = train(_cfg(tmp_path / "full", tiny_models["llama"], chat_file, **{"train.max_steps": 6}))
+
+    real_update = train_mod.TrainProgress.update
+
+    def ctrl_c_at_step_3(self, record):
+        real_update(self, record)
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    cfg = _cfg(tmp_path / "cut", tiny_models["llama"], chat_file, **{"train.max_steps": 6})
+    monkeypatch.setattr(train_mod.TrainProgress, "update", ctrl_c_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert (tmp_path / "cut" / "checkpoints" / "step-0000003").is_dir()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    monkeypatch.setattr(train_mod.TrainProgress, "update", real_update)
+    train(cfg, resume=True)
+    a, b = _weights(full), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_gradient_accumulation_gives_the_same_step(tmp_path, tiny_models):
+    rows = make_conversations(10, seed=3)
+    data = write_jsonl(tmp_path / "train.jsonl", rows[:8])
+    val = write_jsonl(tmp_path / "val.jsonl", rows[8:])
+    common = {"train.max_steps": 1, "data.validation": str(val), "train.save_every": 0}
+    one = train(
+        _cfg(tmp_path / "one", tiny_models["llama"], data, **common, **{"train.batch_size": 8})
+    )
+    acc = _cfg(tmp_path / "acc", tiny_models["llama"], data, **common, **{"train.grad_accum": 2})
+    two = train(acc)
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_sft_trains_a_fresh_model_without_a_teacher(
+    tmp_path, tiny_models, tokenizer_dir, chat_file
+):
+    cfg = _cfg(
+        tmp_path / "sft",
+        None,
+        chat_file,
+        student_num_layers=None,
+        student_config=str(tiny_models["qwen2"] / "config.json"),
+        tokenizer=str(tokenizer_dir),
+        **{"loss.kind": "sft", "train.max_steps": 6, "train.lr": 3e-3, "train.log_every": 1},
+    )
+    out = train(cfg)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert all("kd" not in r for r in lines)
+
+
+def test_existing_checkpoints_need_resume(tmp_path, tiny_models, chat_file):
+    cfg = _cfg(tmp_path / "o", tiny_models["llama"], chat_file, **{"train.max_steps": 2})
+    train(cfg)
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path, tiny_models, tokenizer_dir, chat_file
+):
+    bad = build_tiny_model(tmp_path / "bad", tokenizer_dir, "llama", seed=1)
+    model = AutoModelForCausalLM.from_pretrained(bad)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(bad)
+    cfg = _cfg(tmp_path / "o", tiny_models["llama"], chat_file, student_num_layers=None)
+    cfg.student = str(bad)
+    with pytest.raises(UserError, match="loss is nan at step 1; stopped"):
+        train(cfg)
+    assert not (tmp_path / "o" / "model.safetensors").exists()
