@@ -1,0 +1,537 @@
+"""Turn evaluation results into things people read: terminal tables, summary.md, a self-contained
+report.html (plots embedded as base64 PNG), and the model card (README.md) of a student.
+
+Everything here is a function of the results dict from `chatdistill.evaluate.evaluate` (plus the
+training logs it points to), so a report can be rebuilt from results.json alone.
+"""
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------
+# Formatting and table definitions shared by the terminal, Markdown and HTML
+# ---------------------------------------------------------------------------------------------
+
+DASH = "–"
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return DASH
+    return f"{x:,.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return DASH if x is None else f"{x:.1f}%"
+
+
+def _count(n: float | None) -> str:
+    """1234567 -> 1.23M."""
+    if n is None:
+        return DASH
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _mb(n_bytes: float | None) -> str:
+    return DASH if n_bytes is None else f"{n_bytes / 2**20:,.1f}"
+
+
+Column = tuple[str, Callable[[dict], str]]
+
+QUALITY: list[Column] = [
+    ("CE (nats/tok) ↓", lambda m: _num(m["quality"]["ce"], 3)),
+    ("Perplexity ↓", lambda m: _num(m["quality"]["perplexity"])),
+    ("ROUGE-L ↑", lambda m: _num(m["quality"]["rouge_l"], 1)),
+    ("chrF ↑", lambda m: _num(m["quality"]["chrf"], 1)),
+    ("Accuracy % ↑", lambda m: _num(m["quality"]["accuracy"], 1)),
+]
+FIDELITY: list[Column] = [
+    ("KL(teacher‖model) ↓", lambda m: _num((m["fidelity"] or {}).get("kl"), 4)),
+    ("Top-1 agreement % ↑", lambda m: _num((m["fidelity"] or {}).get("top1_agreement"), 1)),
+    ("ROUGE-L vs teacher ↑", lambda m: _num((m["fidelity"] or {}).get("rouge_l_vs_teacher"), 1)),
+]
+KEPT_KEYS = [("ce", "CE"), ("perplexity", "Perplexity"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")]
+KEPT_KEYS.append(("accuracy", "Accuracy"))
+KEPT: list[Column] = [
+    (label, lambda m, k=key: _pct((m["kept"] or {}).get(k))) for key, label in KEPT_KEYS
+]
+COST: list[Column] = [
+    ("Parameters", lambda m: _count(m["cost"]["parameters"])),
+    ("Weights on disk (MB)", lambda m: _mb(m["cost"]["size_on_disk_bytes"])),
+    ("Peak memory (MB)", lambda m: _num(m["cost"]["peak_memory_mb"], 1)),
+    ("Prefill tok/s", lambda m: _num(m["cost"]["prefill_tokens_per_s"], 0)),
+    ("Decode tok/s (b=1)", lambda m: _num(m["cost"]["decode_tokens_per_s_batch1"], 1)),
+    ("Decode tok/s (b=8)", lambda m: _num(m["cost"]["decode_tokens_per_s_batch8"], 1)),
+    ("TTFT (ms)", lambda m: _num(_ms(m["cost"]["time_to_first_token_s"]), 1)),
+]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000.0 * seconds
+
+
+def kept_note(results: dict) -> str:
+    if results["kept_mode"] == "gap_closed":
+        return (
+            "Share of the baseline-to-teacher gap each student closes: "
+            "(student − baseline) / (teacher − baseline); 100% = as good as the teacher."
+        )
+    return (
+        "Student as a share of the teacher: student / teacher for higher-is-better metrics, "
+        "teacher / student for CE and perplexity (lower is better)."
+    )
+
+
+def tables(results: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(title, note, headers, rows) for each summary table; cells are formatted strings."""
+    models = results["models"]
+    others = [m for m in models if m["role"] != "teacher"]
+    students = [m for m in models if m["kept"] is not None]
+
+    def build(cols: list[Column], ms: list[dict]) -> tuple[list[str], list[list[str]]]:
+        return ["Model", "Role"] + [c[0] for c in cols], [
+            [m["name"], m["role"]] + [f(m) for _, f in cols] for m in ms
+        ]
+
+    quality_note = "Against the reference answers. " + (
+        "Accuracy: normalised answer string contained in the model's answer."
+        if results["data"]["with_answer"]
+        else "No row carries an `answer` field, so accuracy is not measured."
+    )
+    out = [("Quality", quality_note, *build(QUALITY, models))]
+    if others:
+        out.append(
+            (
+                "Fidelity to the teacher",
+                "On the reference assistant tokens.",
+                *build(FIDELITY, others),
+            )
+        )
+    if students:
+        out.append(("Teacher quality kept", kept_note(results), *build(KEPT, students)))
+    cost_note = f"Peak memory: {results['settings']['memory_method']}."
+    out.append(("Cost and speed", cost_note, *build(COST, models)))
+    return out
+
+
+def print_tables(results: dict, console=None) -> None:
+    """Print the summary tables with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for title, note, headers, rows in tables(results):
+        t = Table(title=title, caption=note, title_justify="left", caption_justify="left")
+        for i, h in enumerate(headers):
+            t.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown summary
+# ---------------------------------------------------------------------------------------------
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(map(_md_cell, headers)) + " |"]
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|")
+    lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _meta_lines(results: dict) -> list[str]:
+    d, s = results["data"], results["settings"]
+    teacher = next(m for m in results["models"] if m["role"] == "teacher")
+    return [
+        f"Teacher: `{teacher['path']}`",
+        f"Data: `{d['path']}` — {d['conversations']} conversations, {d['scored_tokens']} scored "
+        f"assistant tokens, {d['with_reference']} reference answers, {d['with_answer']} with "
+        f"an `answer` field",
+        f"Greedy answers, up to {s['max_new_tokens']} new tokens; device {s['device']}; "
+        f"{results['created']}",
+    ]
+
+
+def render_markdown(results: dict) -> str:
+    """summary.md: the tables and the sample conversations."""
+    parts = ["# chatdistill evaluation", "", *[f"- {x}" for x in _meta_lines(results)], ""]
+    for title, note, headers, rows in tables(results):
+        parts += [f"## {title}", "", note, "", _md_table(headers, rows), ""]
+    if results["samples"]:
+        parts += ["## Sample conversations", ""]
+        for i, smp in enumerate(results["samples"], 1):
+            last_user = next(
+                (m["content"] for m in reversed(smp["messages"]) if m["role"] == "user"), ""
+            )
+            parts += [f"### Sample {i}", "", f"**User:** {last_user}", ""]
+            rows = [["reference", smp["reference"] or DASH]]
+            rows += [[name, text] for name, text in smp["answers"].items()]
+            parts += [_md_table(["Model", "Answer"], rows).replace("---:", "---"), ""]
+    parts.append("Plots and full conversations: report.html.")
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, embedded as base64 PNG)
+# ---------------------------------------------------------------------------------------------
+
+_ROLE_MARKER = {"teacher": "*", "student": "o", "baseline": "s"}
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(ncols: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.8), squeeze=False)
+
+
+def plot_quality_vs_size(results: dict) -> str:
+    """Each quality metric against parameter count, one marker per model."""
+    metrics = [("ce", "Held-out CE (nats/token, lower is better)")]
+    metrics += [
+        (k, f"{label} (higher is better)")
+        for k, label in (("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("accuracy", "Accuracy %"))
+        if any(m["quality"][k] is not None for m in results["models"])
+    ]
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    fig, axes = _figure(len(metrics))
+    models = results["models"]
+    sizes = [m["cost"]["parameters"] for m in models]
+    for ax, (key, label) in zip(axes[0], metrics, strict=True):
+        for m in models:
+            y = m["quality"][key]
+            if y is None:
+                continue
+            x = m["cost"]["parameters"]
+            ax.scatter(
+                x, y, s=80, marker=_ROLE_MARKER[m["role"]], label=f"{m['name']} ({m['role']})"
+            )
+            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if max(sizes) > 20 * max(1, min(sizes)):
+            ax.set_xscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _count(v)))
+        ax.margins(0.18)
+        ax.set_xlabel("Parameters")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Quality against model size")
+    return _png(fig)
+
+
+def plot_speed(results: dict) -> str:
+    """Bars: prefill tokens/s, decode tokens/s at batch 1 and 8, peak memory."""
+    import numpy as np
+
+    models = results["models"]
+    names = [m["name"] for m in models]
+    x = np.arange(len(models))
+    fig, axes = _figure(3)
+    ax = axes[0][0]
+    ax.bar(x, [m["cost"]["prefill_tokens_per_s"] or 0 for m in models], color="tab:blue")
+    ax.set_ylabel("Prefill tokens/s (higher is better)")
+    ax = axes[0][1]
+    for off, key, lab in ((-0.2, "batch1", "batch 1"), (0.2, "batch8", "batch 8")):
+        vals = [m["cost"][f"decode_tokens_per_s_{key}"] or 0 for m in models]
+        ax.bar(x + off, vals, width=0.4, label=lab)
+    ax.set_ylabel("Decode tokens/s (higher is better)")
+    ax.legend(fontsize=8)
+    ax = axes[0][2]
+    ax.bar(x, [m["cost"]["peak_memory_mb"] or 0 for m in models], color="tab:gray")
+    ax.set_ylabel("Peak memory while generating (MB)")
+    for ax in axes[0]:
+        ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+        ax.set_xlabel("Model")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Speed and memory")
+    return _png(fig)
+
+
+def read_training_log(path: str | Path) -> dict[str, list[dict]]:
+    """Split a trainer metrics.jsonl into train records (with `loss`) and eval records (with
+    `split`). Lines that are not JSON objects are skipped: the trainer may be writing the file."""
+    train, evals = [], []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or "step" not in rec:
+            continue
+        if "split" in rec:
+            evals.append(rec)
+        elif "loss" in rec:
+            train.append(rec)
+    return {"train": train, "eval": evals}
+
+
+def plot_training_curves(logs: dict[str, dict[str, list[dict]]]) -> str | None:
+    """Training loss and validation CE/KD against step, one line per model; None if no data."""
+    if not any(log["train"] or log["eval"] for log in logs.values()):
+        return None
+    fig, axes = _figure(2)
+    train_ax, eval_ax = axes[0]
+    for name, log in logs.items():
+        if log["train"]:
+            train_ax.plot(
+                [r["step"] for r in log["train"]], [r["loss"] for r in log["train"]], label=name
+            )
+        for key, style in (("ce", "-"), ("kd", "--")):
+            pts = [(r["step"], r[key]) for r in log["eval"] if r.get(key) is not None]
+            if pts:
+                eval_ax.plot(*zip(*pts, strict=True), style, marker=".", label=f"{name} {key}")
+    train_ax.set_ylabel("Training loss")
+    eval_ax.set_ylabel("Validation CE / KD (nats/token)")
+    for ax in (train_ax, eval_ax):
+        ax.set_xlabel("Optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML report
+# ---------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#1d232a;line-height:1.45}
+h1{margin-bottom:.2em} h2{margin-top:1.8em;border-bottom:2px solid #e3e7ec;padding-bottom:.2em}
+ul.meta{color:#4a5560;padding-left:1.2em} code{background:#f3f5f7;padding:0 .25em;border-radius:3px}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #d7dde3;padding:.35em .6em;text-align:right;vertical-align:top}
+th{background:#f3f5f7} td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}
+tr.teacher td{background:#fbf8ec} p.note{color:#56616c;font-size:.9em;margin:.2em 0}
+img{max-width:100%;height:auto;display:block;margin:.8em 0}
+.sample{border:1px solid #d7dde3;border-radius:6px;padding:.8em 1em;margin:1em 0}
+.turn{margin:.2em 0;white-space:pre-wrap} .role{font-weight:600;color:#4a5560}
+.answers{display:grid;grid-template-columns:repeat(auto-fit,minmax(230px,1fr));gap:.6em;margin-top:.6em}
+.answer{background:#f7f9fb;border-radius:5px;padding:.5em .7em;white-space:pre-wrap;font-size:.92em}
+.answer h4{margin:0 0 .3em 0;font-size:.9em;color:#2a5d8f}
+"""
+
+
+def _html_table(headers: list[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join(
+        f'<tr class="{esc(r[1])}">' + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _code(markdown: str) -> str:
+    """Escape a line and turn its `backticks` into <code>."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(markdown))
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
+
+
+def _sample_html(i: int, smp: dict) -> str:
+    esc = html.escape
+    turns = "".join(
+        f'<div class="turn"><span class="role">{esc(m["role"])}:</span> {esc(m["content"])}</div>'
+        for m in smp["messages"]
+    )
+    cards = [("reference", smp["reference"] or DASH), *smp["answers"].items()]
+    answers = "".join(
+        f'<div class="answer"><h4>{esc(name)}</h4>{esc(text) or DASH}</div>' for name, text in cards
+    )
+    return (
+        f'<div class="sample"><h3>Sample {i}</h3>{turns}<div class="answers">{answers}</div></div>'
+    )
+
+
+def render_html(results: dict, logs: dict[str, dict[str, list[dict]]] | None = None) -> str:
+    """The self-contained HTML report: tables, plots, training curves, sample conversations."""
+    esc = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>chatdistill evaluation report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>chatdistill evaluation report</h1>",
+        "<ul class='meta'>"
+        + "".join(f"<li>{_code(x)}</li>" for x in _meta_lines(results))
+        + "</ul>",
+    ]
+    for title, note, headers, rows in tables(results):
+        parts += [f"<h2>{esc(title)}</h2>", f"<p class='note'>{_code(note)}</p>"]
+        parts.append(_html_table(headers, rows))
+    parts += ["<h2>Plots</h2>", _img(plot_quality_vs_size(results), "Quality against model size")]
+    parts.append(_img(plot_speed(results), "Speed and memory"))
+    curves = plot_training_curves(logs or {})
+    if curves:
+        parts += ["<h2>Training curves</h2>", _img(curves, "Training curves")]
+    if results["samples"]:
+        parts.append("<h2>Sample conversations</h2>")
+        parts += [_sample_html(i, s) for i, s in enumerate(results["samples"], 1)]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def load_logs(results: dict) -> dict[str, dict[str, list[dict]]]:
+    """Training logs named in the results (`training_logs`), read from disk where still present."""
+    return {
+        name: read_training_log(path)
+        for name, path in results["training_logs"].items()
+        if Path(path).is_file()
+    }
+
+
+def write_reports(results: dict, output: str | Path) -> dict[str, Path]:
+    """Write results.json, summary.md and report.html into `output`; return their paths."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "results.json", "summary": out / "summary.md"}
+    paths["report"] = out / "report.html"
+    paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    paths["summary"].write_text(render_markdown(results), encoding="utf-8")
+    paths["report"].write_text(render_html(results, load_logs(results)), encoding="utf-8")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        elif v is not None:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _card_eval(student: dict, teacher: dict, results: dict) -> list[str]:
+    rows = []
+    for cols in (QUALITY, FIDELITY, COST):
+        for label, f in cols:
+            rows.append([label, f(teacher) if cols is not FIDELITY else DASH, f(student)])
+    keys = [k for k, _ in KEPT_KEYS]
+    kept = ", ".join(
+        f"{label} {_pct(student['kept'].get(k))}"
+        for k, (_, label) in zip(keys, KEPT_KEYS, strict=True)
+        if student["kept"] and student["kept"].get(k) is not None
+    )
+    lines = [
+        "## Evaluation",
+        "",
+        f"On `{results['data']['path']}` ({results['data']['conversations']} conversations), "
+        "greedy decoding, measured by `chatdistill eval`.",
+        "",
+        _md_table(["Metric", "Teacher", "This model"], rows).replace("|---|---|", "|---|---:|"),
+        "",
+    ]
+    if kept:
+        lines += [f"Teacher quality kept: {kept}. {kept_note(results)}", ""]
+    return lines
+
+
+def write_model_card(
+    student_dir: str | Path, results: dict | None, recipe_info: dict | None
+) -> Path:
+    """Write README.md into `student_dir`: provenance, recipe, metrics, how to load, chat, serve.
+
+    `results` is the `evaluate` output (or None before evaluation); the student is found in it by
+    path. `recipe_info` is the training recipe (e.g. the resolved distill config as a dict).
+    """
+    d = Path(student_dir)
+    recipe = _flatten(recipe_info or {})
+    entry = teacher = None
+    if results:
+        teacher = next(m for m in results["models"] if m["role"] == "teacher")
+        entry = next(
+            (m for m in results["models"] if Path(m["path"]).resolve() == d.resolve()), None
+        )
+    teacher_name = recipe.get("teacher") or (teacher["path"] if teacher else None)
+    data = recipe.get("data.train") or (results["data"]["path"] if results else None)
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    lines += ["tags:", "- chatdistill", "- distillation", "---", "", f"# {d.name}", ""]
+    lines += [
+        f"A chat model distilled from `{teacher_name or 'an unrecorded teacher'}` "
+        "with chatdistill.",
+        "",
+        "## Training",
+        "",
+        f"- Teacher: `{teacher_name or DASH}`",
+        f"- Data: `{data or DASH}`",
+    ]
+    if recipe:
+        rows = [[k, f"`{v}`"] for k, v in recipe.items() if k not in ("teacher", "data.train")]
+        lines += ["", "Recipe:", "", _md_table(["Setting", "Value"], rows).replace("---:", "---")]
+    lines.append("")
+    if entry and teacher:
+        lines += _card_eval(entry, teacher, results)
+    else:
+        lines += [
+            "## Evaluation",
+            "",
+            "Not evaluated yet: `chatdistill eval --teacher TEACHER --student "
+            f"{d} --data TEST.jsonl --output eval/`.",
+            "",
+        ]
+    lines += [
+        "## Use with transformers",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'path = "{d}"',
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "model = AutoModelForCausalLM.from_pretrained(path)",
+        'messages = [{"role": "user", "content": "Hello! What can you do?"}]',
+        "inputs = tokenizer.apply_chat_template(",
+        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+        ")",
+        "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
+        'answer = output[0, inputs["input_ids"].shape[1] :]',
+        "print(tokenizer.decode(answer, skip_special_tokens=True))",
+        "```",
+        "",
+        "## Chat and serve",
+        "",
+        "```bash",
+        f"chatdistill chat {d}     # chat in the terminal",
+        f"chatdistill serve {d}    # OpenAI-compatible API (/v1) and a web chat page",
+        "```",
+        "",
+    ]
+    path = d / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,232 @@
+import base64
+import json
+import re
+import shutil
+import tempfile
+
+import pytest
+
+from chatdistill.report import (
+    print_tables,
+    read_training_log,
+    render_html,
+    render_markdown,
+    tables,
+    write_model_card,
+    write_reports,
+)
+
+from conftest import build_tiny_model
+
+
+def _model(name, role, path, ce, rouge, kept=None, fidelity=None, params=1000):
+    return {
+        "name": name,
+        "role": role,
+        "path": str(path),
+        "quality": {
+            "ce": ce,
+            "perplexity": 2.718**ce,
+            "rouge_l": rouge,
+            "chrf": rouge + 5,
+            "accuracy": None,
+        },
+        "fidelity": fidelity,
+        "kept": kept,
+        "cost": {
+            "parameters": params,
+            "size_on_disk_bytes": params * 4,
+            "peak_memory_mb": params / 100,
+            "prefill_tokens_per_s": 900.0,
+            "decode_tokens_per_s_batch1": 80.0,
+            "decode_tokens_per_s_batch8": 400.0,
+            "time_to_first_token_s": 0.012,
+        },
+    }
+
+
+@pytest.fixture
+def results(tmp_path):
+    log = tmp_path / "student" / "metrics.jsonl"
+    log.parent.mkdir()
+    log.write_text(
+        '{"step": 10, "loss": 2.3, "lr": 0.001, "tokens_per_s": 500}\n'
+        '{"step": 20, "loss": 1.9, "lr": 0.001, "tokens_per_s": 510}\n'
+        '{"step": 20, "split": "val", "ce": 2.0, "kd": 0.4}\n'
+        '{"step": 30, "lo'  # a line still being written
+    )
+    fid = {"kl": 0.1234, "top1_agreement": 81.0, "rouge_l_vs_teacher": 64.0}
+    kept = {"ce": 80.0, "perplexity": 70.0, "rouge_l": 90.0, "chrf": 91.0, "accuracy": None}
+    return {
+        "schema": "chatdistill.eval/1",
+        "created": "2025-01-01T00:00:00+00:00",
+        "data": {
+            "path": "test.jsonl",
+            "conversations": 2,
+            "scored_tokens": 40,
+            "with_reference": 2,
+            "with_answer": 0,
+        },
+        "settings": {"max_new_tokens": 16, "device": "cpu", "memory_method": "rss-hwm"},
+        "kept_mode": "ratio",
+        "models": [
+            _model("big", "teacher", tmp_path / "big", 2.0, 50.0, params=2_000_000),
+            _model("student", "student", tmp_path / "student", 2.5, 45.0, kept, fid, 500_000),
+        ],
+        "samples": [
+            {
+                "messages": [{"role": "user", "content": "Wie teuer ist der Wasserkocher?"}],
+                "reference": "Er kostet 12 Euro.",
+                "answers": {"big": "Er kostet 12 Euro.", "student": "<b>12</b> | Euro"},
+            }
+        ],
+        "training_logs": {"student": str(log)},
+    }
+
+
+def test_tables_cover_quality_fidelity_kept_and_cost(results):
+    titles = [t[0] for t in tables(results)]
+    assert titles == [
+        "Quality",
+        "Fidelity to the teacher",
+        "Teacher quality kept",
+        "Cost and speed",
+    ]
+    quality = tables(results)[0]
+    assert quality[3][1][:4] == ["student", "student", "2.500", f"{2.718**2.5:,.2f}"]
+    assert quality[3][0][-1] == "–"  # no answer field -> accuracy not measured
+    kept = tables(results)[2]
+    assert kept[3][0][2:] == ["80.0%", "70.0%", "90.0%", "91.0%", "–"]
+    assert "teacher / student" in kept[1]
+
+
+def test_kept_note_describes_gap_closed_with_a_baseline(results):
+    results["kept_mode"] = "gap_closed"
+    assert "(student − baseline) / (teacher − baseline)" in tables(results)[2][1]
+
+
+def test_markdown_summary_has_tables_and_escaped_sample(results):
+    md = render_markdown(results)
+    assert "## Quality" in md and "## Cost and speed" in md
+    assert "| student | student | 2.500 |" in md
+    assert "<b>12</b> \\| Euro" in md  # pipes in answers do not break the table
+    assert "**User:** Wie teuer ist der Wasserkocher?" in md
+
+
+def test_training_log_splits_train_and_eval_and_skips_partial_lines(results):
+    log = read_training_log(results["training_logs"]["student"])
+    assert [r["step"] for r in log["train"]] == [10, 20]
+    assert log["eval"] == [{"step": 20, "split": "val", "ce": 2.0, "kd": 0.4}]
+
+
+def test_html_embeds_png_plots_and_escapes_text(results):
+    page = render_html(results, {"student": read_training_log(results["training_logs"]["student"])})
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3  # quality vs size, speed, training curves
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    assert "&lt;b&gt;12&lt;/b&gt;" in page and "<b>12</b>" not in page
+    assert "<title>chatdistill evaluation report</title>" in page
+
+
+def test_html_leaves_out_training_curves_without_logs(results):
+    page = render_html(results, {})
+    assert page.count("data:image/png") == 2
+    assert "Training curves" not in page
+
+
+def test_write_reports_writes_three_files(results, tmp_path):
+    paths = write_reports(results, tmp_path / "out")
+    assert json.loads(paths["results"].read_text()) == results
+    assert paths["summary"].read_text().startswith("# chatdistill evaluation")
+    assert paths["report"].read_text().count("data:image/png") == 3
+
+
+def test_rich_tables_print_every_model(results):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    print_tables(results, console)
+    text = console.export_text()
+    assert "Fidelity to the teacher" in text and "0.1234" in text and "big" in text
+
+
+def test_model_card_without_results_says_how_to_evaluate(tmp_path):
+    card = write_model_card(tmp_path, None, {"teacher": "org/big", "loss": {"kind": "fkl"}})
+    text = card.read_text()
+    assert card == tmp_path / "README.md"
+    assert "distilled from `org/big`" in text
+    assert "| loss.kind | `fkl` |" in text
+    assert "Not evaluated yet" in text
+    assert f"chatdistill serve {tmp_path}" in text
+
+
+def test_model_card_with_results_has_metrics_of_that_student(results):
+    student_dir = results["models"][1]["path"]
+    text = write_model_card(student_dir, results, {}).read_text()
+    assert "| CE (nats/tok) ↓ | 2.000 | 2.500 |" in text
+    assert "| Top-1 agreement % ↑ | – | 81.0 |" in text
+    assert "Teacher quality kept: CE 80.0%" in text
+    assert "distilled from `" + results["models"][0]["path"] in text
+
+
+def test_model_card_python_snippet_loads_and_chats(tmp_path, tokenizer_dir, capsys):
+    model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_dir, "llama")
+    text = write_model_card(model_dir, None, {}).read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.endswith("\n")  # the snippet ran to its final print
+
+
+CHROME_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1300,1000",
+]
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(results, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip(
+            "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    page = write_reports(results, tmp_path / "out")["report"]
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in CHROME_FLAGS:
+        opts.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    opts.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(page.as_uri())
+        assert driver.title == "chatdistill evaluation report"
+        assert driver.find_element(By.TAG_NAME, "h1").text == "chatdistill evaluation report"
+        assert len(driver.find_elements(By.TAG_NAME, "table")) == 4
+        # quality 2 + fidelity 1 + kept 1 + cost 2 rows
+        assert len(driver.find_elements(By.CSS_SELECTOR, "table tbody tr")) == 6
+        images = driver.find_elements(By.TAG_NAME, "img")
+        assert len(images) == 3
+        for img in images:
+            assert driver.execute_script("return arguments[0].naturalWidth", img) > 0
+        answers = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".answer")]
+        assert any("<b>12</b> | Euro" in a for a in answers)
+        shot = tmp_path / "report.png"
+        driver.set_window_size(1300, driver.execute_script("return document.body.scrollHeight"))
+        driver.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
