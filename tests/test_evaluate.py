@@ -1,0 +1,212 @@
+import json
+import shutil
+
+import pytest
+
+from chatdistill.cli import main
+from chatdistill.data import render_example
+from chatdistill.errors import UserError
+from chatdistill.evaluate import EvalConfig, _names, evaluate, prepare_items, weights_size
+from chatdistill.tokenizer import train_bpe_tokenizer
+
+from conftest import build_tiny_model, make_conversations, write_jsonl
+
+FAST = dict(
+    max_samples=4,
+    max_new_tokens=6,
+    batch_size=4,
+    speed_prompts=1,
+    speed_new_tokens=3,
+    num_samples=2,
+    memory=False,
+)
+
+
+def _rows_with_answers(n: int) -> list[dict]:
+    rows = make_conversations(n, seed=3)
+    for r in rows[::2]:
+        r["answer"] = r["messages"][-1]["content"].split()[-1]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_models, tokenizer_dir):
+    root = tmp_path_factory.mktemp("eval")
+    teacher = tiny_models["llama"]
+    small = build_tiny_model(root / "small", tokenizer_dir, "llama", seed=1, num_hidden_layers=1)
+    twin = root / "twin"  # the teacher under another name: a student that keeps everything
+    shutil.copytree(teacher, twin)
+    data = write_jsonl(root / "test.jsonl", _rows_with_answers(6))
+    return {"root": root, "teacher": teacher, "small": small, "twin": twin, "data": data}
+
+
+@pytest.fixture(scope="module")
+def run(setup):
+    cfg = EvalConfig(
+        teacher=str(setup["teacher"]),
+        students=[str(setup["small"]), str(setup["twin"])],
+        data=str(setup["data"]),
+        output=str(setup["root"] / "out"),
+        **FAST,
+    )
+    return evaluate(cfg)
+
+
+def _by_name(results: dict) -> dict:
+    return {m["name"]: m for m in results["models"]}
+
+
+def test_eval_writes_results_summary_and_report(run, setup):
+    out = setup["root"] / "out"
+    assert json.loads((out / "results.json").read_text()) == run
+    assert "## Teacher quality kept" in (out / "summary.md").read_text()
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
+    assert [m["role"] for m in run["models"]] == ["teacher", "student", "student"]
+    assert run["data"]["conversations"] == 4 and run["data"]["with_answer"] == 2
+    assert run["kept_mode"] == "ratio"
+
+
+def test_teacher_copy_as_student_matches_teacher_exactly(run):
+    m = _by_name(run)
+    teacher, twin = m["llama"], m["twin"]
+    assert twin["fidelity"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert twin["fidelity"]["top1_agreement"] == 100.0
+    assert twin["fidelity"]["rouge_l_vs_teacher"] == pytest.approx(100.0)
+    assert twin["quality"] == pytest.approx(teacher["quality"])
+    for key in ("ce", "perplexity", "chrf"):
+        assert twin["kept"][key] == pytest.approx(100.0)
+
+
+def test_smaller_student_differs_and_costs_less(run):
+    m = _by_name(run)
+    teacher, small = m["llama"], m["small"]
+    assert small["fidelity"]["kl"] > 0.001
+    assert small["quality"]["ce"] != pytest.approx(teacher["quality"]["ce"])
+    expected = 100 * teacher["quality"]["ce"] / small["quality"]["ce"]
+    assert small["kept"]["ce"] == pytest.approx(expected)
+    assert small["cost"]["parameters"] < teacher["cost"]["parameters"]
+    assert small["cost"]["size_on_disk_bytes"] < teacher["cost"]["size_on_disk_bytes"]
+    assert teacher["fidelity"] is None and teacher["kept"] is None
+
+
+def test_quality_and_speed_fields_are_measured(run):
+    for m in run["models"]:
+        q, c = m["quality"], m["cost"]
+        assert q["perplexity"] > 1 and 0 <= q["rouge_l"] <= 100 and 0 <= q["chrf"] <= 100
+        assert 0 <= q["accuracy"] <= 100
+        assert c["prefill_tokens_per_s"] > 0 and c["time_to_first_token_s"] > 0
+        assert c["decode_tokens_per_s_batch1"] > 0 and c["decode_tokens_per_s_batch8"] > 0
+        assert c["peak_memory_mb"] is None  # memory=False
+
+
+def test_samples_show_every_models_answer(run):
+    assert len(run["samples"]) == 2
+    assert set(run["samples"][0]["answers"]) == {"llama", "small", "twin"}
+    assert run["samples"][0]["answers"]["twin"] == run["samples"][0]["answers"]["llama"]
+
+
+def test_model_card_written_into_each_student(run, setup):
+    for name in ("small", "twin"):
+        card = (setup[name] / "README.md").read_text()
+        assert "## Evaluation" in card and "| KL(teacher‖model) ↓ |" in card
+    assert not (setup["teacher"] / "README.md").exists()
+
+
+def test_baseline_turns_kept_into_gap_closed(setup):
+    cfg = EvalConfig(
+        teacher=str(setup["teacher"]),
+        students=[str(setup["twin"])],
+        baseline=str(setup["small"]),
+        data=str(setup["data"]),
+        output=str(setup["root"] / "out-baseline"),
+        model_cards=False,
+        **{**FAST, "max_samples": 2},
+    )
+    results = evaluate(cfg)
+    assert results["kept_mode"] == "gap_closed"
+    twin = _by_name(results)["twin"]
+    assert twin["kept"]["ce"] == pytest.approx(100.0)
+    assert _by_name(results)["small"]["kept"] is None
+
+
+def _cfg(setup, **kw) -> EvalConfig:
+    base = dict(
+        teacher=str(setup["teacher"]),
+        students=[str(setup["small"])],
+        data=str(setup["data"]),
+        output=str(setup["root"] / "bad"),
+    )
+    return EvalConfig(**{**base, **kw, **FAST})
+
+
+def test_missing_model_dir_is_a_user_error(setup):
+    with pytest.raises(UserError, match=r"--student .*nope: no such model directory"):
+        evaluate(_cfg(setup, students=[str(setup["root"] / "nope")]))
+
+
+def test_missing_data_file_is_a_user_error(setup):
+    with pytest.raises(UserError, match="data file not found"):
+        evaluate(_cfg(setup, data=str(setup["root"] / "missing.jsonl")))
+
+
+def test_data_without_assistant_turns_is_a_user_error(setup):
+    path = write_jsonl(setup["root"] / "prompts.jsonl", [{"prompt": "Hi?"}, {"prompt": "Yo?"}])
+    with pytest.raises(UserError, match="no conversation has an assistant turn to score"):
+        evaluate(_cfg(setup, data=str(path)))
+
+
+def test_student_with_other_vocabulary_is_a_user_error(setup, chat_rows):
+    texts = [m["content"] for r in chat_rows for m in r["messages"]]
+    tok_dir = setup["root"] / "other-tok"
+    train_bpe_tokenizer(texts * 4, vocab_size=300).save_pretrained(tok_dir)
+    other = build_tiny_model(setup["root"] / "other", tok_dir, "llama")
+    with pytest.raises(UserError, match=r"--student .*other: .*vocab \d+ vs \d+"):
+        evaluate(_cfg(setup, students=[str(other)]))
+
+
+def test_cli_prints_one_line_error_and_exits_2(setup, capsys):
+    argv = ["eval", "--teacher", str(setup["root"] / "gone"), "--student", str(setup["small"])]
+    argv += ["--data", str(setup["data"]), "--output", str(setup["root"] / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --teacher") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_cli_eval_measures_memory_and_prints_tables(setup, capsys):
+    out = setup["root"] / "cli-out"
+    argv = ["eval", "--teacher", str(setup["teacher"]), "--student", str(setup["small"])]
+    argv += ["--data", str(setup["data"]), "--output", str(out), "--max-samples", "2"]
+    argv += ["--max-new-tokens", "4", "--speed-prompts", "1", "--speed-new-tokens", "2"]
+    argv += ["--no-model-card"]
+    assert main(argv) == 0
+    assert "Cost and speed" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    mem = {m["name"]: m["cost"]["peak_memory_mb"] for m in results["models"]}
+    assert all(v > 0 for v in mem.values())
+    assert "fresh process per model" in results["settings"]["memory_method"]
+
+
+def test_prepare_items_keeps_prompt_reference_and_answer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+        {"messages": [{"role": "user", "content": "2+2?"}], "answer": 4},
+    ]
+    items = prepare_items(rows, tok, 64, "x.jsonl")
+    assert items[0].prompt == rows[0]["messages"][:1] and items[0].reference == "Yo"
+    assert items[0].example == render_example(tok, rows[0]["messages"], 64)
+    assert items[1].reference is None and items[1].answer == "4" and items[1].example is None
+
+
+def test_names_are_unique_and_readable():
+    assert _names(["a/x", "b/x", "c/y"]) == ["a/x", "b/x", "y"]
+    assert _names(["a/x", "a/x"]) == ["a/x#1", "a/x#2"]
+
+
+def test_weights_size_counts_only_weight_files(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 1000)
+    assert weights_size(tmp_path) == 100
