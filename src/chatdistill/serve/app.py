@@ -1,0 +1,211 @@
+"""The HTTP app: OpenAI-compatible routes, auth and body-size guards, metrics, the chat page.
+
+Routes stay thin; `serve/completions.py` holds the request-to-scheduler logic and
+`serve/protocol.py` the wire shapes. `run_server` is what `chatdistill serve` calls.
+"""
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatdistill.generate import Engine
+from chatdistill.scheduler import Scheduler
+from chatdistill.serve.completions import CompletionService
+from chatdistill.serve.config import ServeConfig
+from chatdistill.serve.errors import APIError, install_error_handlers
+from chatdistill.serve.metrics import ServerMetrics
+from chatdistill.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+
+log = logging.getLogger("chatdistill.serve")
+_STATIC = resources.files("chatdistill.serve") / "static"
+
+
+class GuardMiddleware:
+    """Checks that run before any route parses a body: the API key on `/v1` routes (so an
+    unauthenticated client cannot make the server read or validate anything) and the body size
+    limit (the declared Content-Length, and the bytes actually received for chunked uploads)."""
+
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics
+    ) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                err = APIError(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await self._reject(err, scope, receive, send)
+                return
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._reject(self._too_large(), scope, receive, send)
+            return
+
+        received = 0
+
+        async def counting_receive() -> Message:
+            # A body without Content-Length (chunked) is counted as it arrives; FastAPI passes an
+            # HTTPException raised while it reads the body on to the error handlers unchanged.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise StarletteHTTPException(413, self._too_large().message)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _too_large(self) -> APIError:
+        limit = self.max_body_bytes
+        return APIError(
+            413,
+            f"request body is larger than the server's limit of {limit} bytes; send less text",
+            code="request_too_large",
+        )
+
+    async def _reject(self, err: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics.rejected.labels(status=str(err.status)).inc()
+        await err.response()(scope, receive, send)
+
+
+def create_app(backend: Scheduler | Engine, cfg: ServeConfig) -> FastAPI:
+    """The server app for a scheduler, or for an engine (then the app makes a scheduler with
+    `cfg.max_batch`/`cfg.max_queue` and starts and stops it with the app)."""
+    if isinstance(backend, Scheduler):
+        scheduler, owned = backend, False
+    else:
+        scheduler, owned = (
+            Scheduler(backend, max_batch=cfg.max_batch, max_queue=cfg.max_queue),
+            True,
+        )
+    engine: Engine = scheduler.engine
+    metrics = ServerMetrics(lambda: scheduler.num_running, lambda: scheduler.num_waiting)
+    service = CompletionService(engine, scheduler, cfg, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if owned:
+            scheduler.start()
+        try:
+            yield
+        finally:
+            if owned:
+                scheduler.shutdown()
+
+    app = FastAPI(
+        title="chatdistill",
+        summary="OpenAI-compatible chat API for a distilled student model",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    install_error_handlers(app, lambda status: metrics.rejected.labels(status=str(status)).inc())
+    app.add_middleware(
+        GuardMiddleware, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, metrics=metrics
+    )
+
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.get("/models")
+    async def list_models() -> ModelList:
+        card = ModelCard(id=cfg.model_name, context_length=engine.context_length)
+        return ModelList(data=[card])
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await service.chat(body, request)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await service.complete(body, request)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": cfg.model_name,
+            "running": scheduler.num_running,
+            "waiting": scheduler.num_waiting,
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    index_html = (_STATIC / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(index_html)
+
+    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+    return app
+
+
+def run_server(
+    model_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    request_timeout_s: float = 300.0,
+    device: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load the model in `model_dir` and serve it until interrupted."""
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    engine = Engine.load(model_dir, device=device)
+    name = model_name or Path(model_dir).resolve().name
+    cfg = ServeConfig(
+        model_name=name,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout_s,
+    )
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    app = create_app(engine, cfg)
+    print(f"serving '{name}' on http://{host}:{port}  (chat page at /, API at /v1)", flush=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

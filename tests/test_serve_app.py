@@ -1,0 +1,402 @@
+"""The OpenAI-compatible server, end to end: a real `chatdistill serve` process on loopback, driven
+by the official `openai` client and by raw HTTP for the requests a client library would refuse
+to send."""
+
+import asyncio
+import json
+import time
+import types
+
+import httpx
+import openai
+import pytest
+from serve_helpers import (
+    launch,
+    make_endless,
+    metric_value,
+    sse_events,
+    stop,
+    wait_ready,
+)
+
+from chatdistill.generate import Engine, SamplingParams
+
+from conftest import build_tiny_model
+
+KEY = "test-key-123"
+NAME = "tiny-llama"
+HELLO = [{"role": "user", "content": "How much is the kettle?"}]
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_models, tokenizer_dir, tmp_path_factory):
+    """Three servers, started together: `main` (API key, batch 4) on the tiny Llama; `limits`
+    (batch 1, queue 1) and `hasty` (1 s timeout) on a model that never stops, for queueing,
+    cancellation and timeouts."""
+    root = tmp_path_factory.mktemp("serve")
+    endless = build_tiny_model(
+        root / "endless", tokenizer_dir, "llama", max_position_embeddings=4096
+    )
+    make_endless(endless)
+    started = [
+        launch(
+            tiny_models["llama"], root / "main.log",
+            "--api-key", KEY, "--max-batch", "4", "--model-name", NAME,
+        ),
+        launch(endless, root / "limits.log", "--max-batch", "1", "--max-queue", "1"),
+        launch(endless, root / "hasty.log", "--max-batch", "2", "--request-timeout", "1"),
+    ]  # fmt: skip
+    try:
+        for server in started:
+            wait_ready(server)
+        yield types.SimpleNamespace(main=started[0], limits=started[1], hasty=started[2])
+    finally:
+        for server in started:
+            stop(server)
+
+
+@pytest.fixture(scope="module")
+def main(servers):
+    return servers.main
+
+
+@pytest.fixture(scope="module")
+def limits(servers):
+    return servers.limits
+
+
+@pytest.fixture(scope="module")
+def hasty(servers):
+    return servers.hasty
+
+
+@pytest.fixture(scope="module")
+def client(main):
+    return openai.OpenAI(base_url=main.api, api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return Engine.load(tiny_models["llama"])
+
+
+def _assert_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    return body["error"]
+
+
+# ---------------------------------------------------------------- official client
+
+
+def test_models_lists_the_served_name(client, engine):
+    models = client.models.list().data
+    assert [m.id for m in models] == [NAME]
+    assert models[0].model_extra["context_length"] == engine.context_length
+
+
+def test_chat_completion_matches_the_engine_greedy_answer(client, engine):
+    resp = client.chat.completions.create(model=NAME, messages=HELLO, temperature=0, max_tokens=12)
+    ids = engine.encode_chat(HELLO)
+    [want] = engine.generate([ids], SamplingParams(max_new_tokens=12, temperature=0.0))
+    choice = resp.choices[0]
+    assert resp.object == "chat.completion"
+    assert choice.message.role == "assistant"
+    assert choice.message.content == want.text
+    assert choice.finish_reason == want.finish_reason
+    assert resp.usage.prompt_tokens == len(ids)
+    assert resp.usage.completion_tokens == len(want.token_ids)
+    assert resp.usage.total_tokens == len(ids) + len(want.token_ids)
+
+
+def test_streamed_chat_equals_the_whole_answer_and_ends_with_usage(client):
+    kw = dict(model=NAME, messages=HELLO, temperature=0, max_completion_tokens=16)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_max_tokens_caps_the_answer_with_finish_reason_length(client):
+    resp = client.chat.completions.create(
+        model=NAME, messages=HELLO, temperature=1.0, seed=3, max_tokens=3
+    )
+    assert resp.usage.completion_tokens <= 3
+    if resp.usage.completion_tokens == 3:
+        assert resp.choices[0].finish_reason == "length"
+
+
+def test_stop_string_cuts_the_answer_before_it(client):
+    kw = dict(model=NAME, messages=HELLO, temperature=0, max_tokens=24)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    assert len(full) > 4, "the tiny model should say something"
+    stop_at = full[len(full) // 2 :][:2]
+    cut = client.chat.completions.create(**kw, stop=[stop_at]).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.message.content == full[: full.index(stop_at)]
+
+
+def test_text_completion_whole_and_streamed(client):
+    kw = dict(model=NAME, prompt="The kettle costs", temperature=0, max_tokens=8)
+    whole = client.completions.create(**kw)
+    assert whole.object == "text_completion"
+    assert whole.usage.completion_tokens <= 8
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+
+
+def test_text_completion_accepts_token_ids(client, engine):
+    ids = engine.tokenizer.encode("The kettle costs", add_special_tokens=False)
+    by_ids = client.completions.create(model=NAME, prompt=ids, temperature=0, max_tokens=8)
+    by_text = client.completions.create(
+        model=NAME, prompt="The kettle costs", temperature=0, max_tokens=8
+    )
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_concurrent_streams_all_complete_with_their_own_answers(main):
+    prompts = [
+        [{"role": "user", "content": f"Do you ship the mug to city {i}?"}] for i in range(10)
+    ]
+    aclient = openai.AsyncOpenAI(base_url=main.api, api_key=KEY, max_retries=0, timeout=120)
+
+    async def one(messages, stream):
+        kw = dict(model=NAME, messages=messages, temperature=0, max_tokens=20)
+        if not stream:
+            return (await aclient.chat.completions.create(**kw)).choices[0].message.content
+        parts = []
+        async for chunk in await aclient.chat.completions.create(**kw, stream=True):
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+        return "".join(parts)
+
+    async def run():
+        together = await asyncio.gather(*(one(p, True) for p in prompts))
+        alone = [await one(p, False) for p in prompts]
+        await aclient.close()
+        return together, alone
+
+    together, alone = asyncio.run(run())
+    assert together == alone
+
+
+# ---------------------------------------------------------------- auth
+
+
+def test_v1_routes_need_the_api_key(main):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=main.api, api_key="wrong", max_retries=0).models.list()
+    err = _assert_error(httpx.get(main.api + "/models"), 401)
+    assert err["code"] == "invalid_api_key"
+    no_key = httpx.post(main.api + "/chat/completions", content=b"{not json")
+    assert no_key.status_code == 401, "auth is checked before the body is parsed"
+
+
+def test_health_page_and_metrics_stay_open(main):
+    assert httpx.get(main.url + "/health").json()["status"] == "ok"
+    page = httpx.get(main.url + "/")
+    assert page.status_code == 200 and "<title>chatdistill" in page.text
+    assert httpx.get(main.url + "/static/index.html").status_code == 200
+    assert httpx.get(main.url + "/metrics").status_code == 200
+
+
+# ---------------------------------------------------------------- bad requests
+
+
+def _post(server, path: str, body: object, **kw) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {**AUTH, "Content-Type": "application/json"}
+    return httpx.post(server.api + path, content=content, headers=headers, timeout=30, **kw)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"messages": [', None),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages.0.content"),
+        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "temperature": 2.01}, "temperature"),
+        ({"messages": HELLO, "top_p": 0}, "top_p"),
+        ({"messages": HELLO, "top_p": 1.5}, "top_p"),
+        ({"messages": HELLO, "max_tokens": -1}, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": 100_000}, "max_tokens"),
+        ({"messages": HELLO, "max_completion_tokens": 100_000}, "max_completion_tokens"),
+        ({"messages": HELLO, "stream": "yes"}, "stream"),
+        ({"messages": HELLO, "functions": []}, "functions"),
+        ([1, 2], None),
+    ],
+)
+def test_bad_chat_requests_are_400_in_the_openai_shape(main, body, param):
+    err = _assert_error(_post(main, "/chat/completions", body), 400, param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_the_context_window_is_400(main, engine):
+    long = [{"role": "user", "content": "kettle " * (engine.context_length + 10)}]
+    err = _assert_error(_post(main, "/chat/completions", {"messages": long}), 400, "messages")
+    assert err["code"] == "context_length_exceeded"
+    ids = list(range(3, 3 + engine.context_length))
+    _assert_error(_post(main, "/completions", {"prompt": ids}), 400, "prompt")
+
+
+def test_bad_completion_requests_are_400(main, engine):
+    _assert_error(
+        _post(main, "/completions", {"prompt": [len(engine.tokenizer) + 5]}), 400, "prompt"
+    )
+    _assert_error(_post(main, "/completions", {"prompt": "hi", "echo": True}), 400, "echo")
+    _assert_error(_post(main, "/completions", {"max_tokens": 4}), 400, "prompt")
+
+
+def test_unknown_model_route_and_method_keep_the_error_shape(main):
+    err = _assert_error(
+        _post(main, "/chat/completions", {"model": "gpt-4o", "messages": HELLO}), 404, "model"
+    )
+    assert err["code"] == "model_not_found"
+    _assert_error(httpx.get(main.api + "/nothing", headers=AUTH), 404)
+    _assert_error(httpx.get(main.api + "/chat/completions", headers=AUTH), 405)
+
+
+def test_oversized_body_is_413(main):
+    big = {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}
+    _assert_error(_post(main, "/chat/completions", big), 413)
+
+    def chunks():  # no Content-Length: the limit is enforced on the bytes received
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    resp = httpx.post(main.api + "/chat/completions", content=chunks(), headers=AUTH, timeout=30)
+    _assert_error(resp, 413)
+
+
+def test_metrics_count_requests_tokens_and_latencies(client, main):
+    client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=5)
+    text = httpx.get(main.url + "/metrics").text
+    for name in [
+        "chatdistill_time_to_first_token_seconds_count",
+        "chatdistill_e2e_request_latency_seconds_count",
+        "chatdistill_request_queue_time_seconds_count",
+        "chatdistill_prompt_tokens_total",
+        "chatdistill_generation_tokens_total",
+    ]:
+        assert metric_value(text, name) > 0, name
+    assert metric_value(text, "chatdistill_inter_token_latency_seconds_count") >= 0
+    assert "chatdistill_num_requests_running" in text
+    assert "chatdistill_num_requests_waiting" in text
+    assert metric_value(text, "chatdistill_requests_rejected_total") > 0
+
+
+# ---------------------------------------------------------------- queue, disconnect, timeout
+
+
+def _wait_health(server, **want) -> dict:
+    """Poll /health until its fields equal `want` (a generous bound, only so a bug cannot hang)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = httpx.get(server.url + "/health").json()
+        if all(health[k] == v for k, v in want.items()):
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"/health never reached {want}: {health}")
+
+
+def _open_stream(http: httpx.Client, server, max_tokens: int = 3000):
+    body = {"messages": HELLO, "max_tokens": max_tokens, "stream": True}
+    req = http.build_request("POST", server.api + "/chat/completions", json=body)
+    return http.send(req, stream=True)
+
+
+def test_full_queue_is_429_with_retry_after(limits):
+    with httpx.Client(timeout=30) as http:
+        running = _open_stream(http, limits)
+        lines = running.iter_lines()  # kept: dropping it would close the connection
+        next(lines)
+        waiting = _open_stream(http, limits)
+        try:
+            _wait_health(limits, running=1, waiting=1)
+            resp = httpx.post(
+                limits.api + "/chat/completions", json={"messages": HELLO, "max_tokens": 5}
+            )
+            err = _assert_error(resp, 429)
+            assert err["code"] == "queue_full"
+            assert int(resp.headers["Retry-After"]) >= 1
+        finally:
+            running.close()
+            waiting.close()
+    _wait_health(limits, running=0, waiting=0)
+
+
+def test_client_disconnect_cancels_its_request(limits):
+    before = metric_value(httpx.get(limits.url + "/metrics").text, "chatdistill_requests_total")
+    with httpx.Client(timeout=30) as http:
+        stream = _open_stream(http, limits)
+        lines = stream.iter_lines()
+        assert json.loads(next(sse_events(lines)))["choices"][0]["delta"]["role"] == "assistant"
+        stream.close()
+    _wait_health(limits, running=0, waiting=0)
+    text = httpx.get(limits.url + "/metrics").text
+    cancelled = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('chatdistill_requests_total{finish_reason="cancelled"}')
+    ]
+    assert cancelled and float(cancelled[0].split()[-1]) >= 1
+    assert metric_value(text, "chatdistill_requests_total") == before + 1
+    ok = httpx.post(
+        limits.api + "/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=30
+    )
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_non_streaming_client_that_gives_up_frees_the_slot(limits):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            limits.api + "/chat/completions",
+            json={"messages": HELLO, "max_tokens": 3000},
+            timeout=0.5,
+        )
+    _wait_health(limits, running=0, waiting=0)
+
+
+def test_request_past_the_timeout_is_504(hasty):
+    resp = httpx.post(
+        hasty.api + "/chat/completions", json={"messages": HELLO, "max_tokens": 4000}, timeout=60
+    )
+    err = _assert_error(resp, 504)
+    assert err["code"] == "request_timeout"
+
+
+def test_streamed_request_past_the_timeout_ends_with_an_error_event(hasty):
+    body = {"messages": HELLO, "max_tokens": 4000, "stream": True}
+    with httpx.stream("POST", hasty.api + "/chat/completions", json=body, timeout=60) as resp:
+        events = list(sse_events(resp.iter_lines()))
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last.get("error", {}).get("code") == "request_timeout", events[-3:]
+    with pytest.raises(openai.APIError):
+        cl = openai.OpenAI(base_url=hasty.api, api_key="none", max_retries=0)
+        list(
+            cl.chat.completions.create(
+                model="endless", messages=HELLO, max_tokens=4000, stream=True
+            )
+        )
