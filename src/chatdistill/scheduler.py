@@ -1,0 +1,292 @@
+"""Continuous batching for the server: one decode thread, many concurrent requests.
+
+The decode thread owns a `DecodeBatch` (see generate.py). Between two decode steps it drops
+cancelled rows, admits waiting requests (each is prefilled alone and its KV cache merged into the
+running batch), and after the step retires finished rows, so a new request never waits for the whole
+batch to finish. Results travel to callers as `Delta`s: `Request.stream()` for asyncio code (woken
+with `loop.call_soon_threadsafe`), `Request.iter_sync()` for threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from chatdistill.generate import DecodeBatch, Engine, SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """`max_queue` requests are already waiting; the caller should answer 429 / retry later."""
+
+
+@dataclass
+class Delta:
+    """What a request produced since its previous Delta."""
+
+    text: str  # new text (may be "")
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = (
+        None  # None while running; "stop" | "length" | "cancelled" | "error"
+    )
+    error: str | None = None  # the exception message when finish_reason == "error"
+
+
+class Request:
+    """One submitted generation: its progress, timings (time.monotonic()) and output stream."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_cancel: Callable[[Request], None],
+    ) -> None:
+        self.id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.prompt_tokens = len(self.prompt_ids)
+        self.completion_tokens = 0
+        self.text = ""  # everything streamed so far; the final text once finished
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.queued_at = time.monotonic()
+        self.started_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.cancel_requested = False
+        self._on_cancel = on_cancel
+        self._cond = threading.Condition()
+        self._deltas: deque[Delta] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def _push(self, delta: Delta) -> None:
+        """Called by the decode thread (or by cancel/shutdown) to hand over a Delta."""
+        with self._cond:
+            self.text += delta.text
+            if delta.finish_reason is not None:
+                self.finish_reason, self.error = delta.finish_reason, delta.error
+                self.finished_at = time.monotonic()
+            self._deltas.append(delta)
+            self._cond.notify_all()
+            loop, event = self._loop, self._event
+        if loop is not None:
+            # A closed loop means nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+
+    async def stream(self) -> AsyncIterator[Delta]:
+        """Yield Deltas as they come; the last one has `finish_reason` set.
+
+        Leaving the loop early (client gone, task cancelled) cancels the request.
+        """
+        with self._cond:
+            if self._loop is None:
+                self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+            event = self._event
+        finished = False
+        try:
+            while not finished:
+                with self._cond:
+                    items = list(self._deltas)
+                    self._deltas.clear()
+                    if not items:
+                        # Cleared under the lock: a Delta pushed after this sets it again.
+                        event.clear()
+                if not items:
+                    await event.wait()
+                    continue
+                for delta in items:
+                    finished = delta.finish_reason is not None
+                    yield delta
+        finally:
+            if not finished:
+                self.cancel()
+
+    def iter_sync(self) -> Iterator[Delta]:
+        """Blocking iterator over the Deltas, for threads and tests."""
+        while True:
+            with self._cond:
+                while not self._deltas:
+                    self._cond.wait()
+                delta = self._deltas.popleft()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        """The client went away: free the slot before the next decode step (no-op when finished)."""
+        if self.finish_reason is None and not self.cancel_requested:
+            self.cancel_requested = True
+            self._on_cancel(self)
+
+
+class Scheduler:
+    """Runs requests on `engine` with continuous batching, up to `max_batch` rows at a time."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.on_finish: Callable[[Request], None] | None = None
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._batch = DecodeBatch(engine)
+        self._num_running = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def num_running(self) -> int:
+        return self._num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        """Start the decode thread (once)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="chatdistill-decode", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the decode thread; requests still running or waiting end as "cancelled"."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for seq in list(self._batch.seqs):
+            seq.finish("cancelled")
+            self._deliver(seq, "")
+        self._batch = DecodeBatch(self.engine)
+        self._num_running = 0
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in waiting:
+            self._end_unstarted(req, "cancelled")
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """Queue a request. Raises `UserError` for bad params/prompt, `QueueFullError` when full."""
+        params.validate()
+        self.engine.check_prompt(prompt_ids)
+        req = Request(
+            request_id or f"req-{uuid.uuid4().hex[:16]}", prompt_ids, params, self._cancel
+        )
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests already waiting")
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return req
+
+    def _cancel(self, req: Request) -> None:
+        with self._cond:
+            if req in self._waiting:
+                self._waiting.remove(req)
+                waiting = True
+            else:
+                waiting = False
+                self._cond.notify_all()
+        if waiting:
+            self._end_unstarted(req, "cancelled")
+
+    def _end_unstarted(self, req: Request, reason: str, error: str | None = None) -> None:
+        req._push(Delta("", [], reason, error))
+        self._finished(req)
+
+    def _finished(self, req: Request) -> None:
+        if self.on_finish is None:
+            return
+        try:
+            self.on_finish(req)
+        except Exception:
+            log.exception("on_finish hook failed for %s", req.id)
+
+    def _deliver(self, seq: Sequence, text: str) -> None:
+        """Send a row's progress to its request as one Delta (nothing when there is no news)."""
+        req: Request = seq.tag
+        sent = req.completion_tokens
+        new_ids = seq.token_ids[sent:]
+        req.completion_tokens = len(seq.token_ids)
+        req.first_token_at = seq.first_token_at
+        if text or new_ids or seq.finish_reason is not None:
+            req._push(Delta(text, new_ids, seq.finish_reason))
+        if seq.finish_reason is not None:
+            self._finished(req)
+
+    def _run(self) -> None:
+        model = self.engine.model
+        model.eval()
+        with torch.no_grad():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._batch:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    room = self.max_batch - len(self._batch)
+                    admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                self._drop_cancelled()
+                for req in admit:
+                    self._admit(req)
+                if self._batch:
+                    self._step()
+                self._num_running = len(self._batch)
+
+    def _drop_cancelled(self) -> None:
+        for seq in self._batch.seqs:
+            if seq.tag.cancel_requested:
+                self._deliver(seq, seq.finish("cancelled"))
+        self._batch.retire()
+
+    def _admit(self, req: Request) -> None:
+        if req.cancel_requested:
+            self._end_unstarted(req, "cancelled")
+            return
+        seq = Sequence(self.engine, req.prompt_ids, req.params)
+        seq.tag = req
+        req.started_at = seq.started_at
+        try:
+            text = self._batch.add(seq)
+        except Exception as e:  # this prompt broke the forward; the running batch is untouched
+            log.exception("prefill failed for %s", req.id)
+            self._end_unstarted(req, "error", str(e))
+            return
+        self._num_running = len(self._batch)
+        self._deliver(seq, text)
+
+    def _step(self) -> None:
+        seqs = list(self._batch.seqs)
+        try:
+            texts = self._batch.step()
+        except Exception as e:  # the shared cache is now unusable: fail the rows, start afresh
+            log.exception("decode step failed")
+            self._batch = DecodeBatch(self.engine)
+            for seq in seqs:
+                seq.finish("error")
+                seq.tag._push(Delta("", [], "error", str(e)))
+                self._finished(seq.tag)
+            return
+        for seq, text in zip(seqs, texts, strict=True):
+            self._deliver(seq, text)
+        self._batch.retire()

@@ -1,0 +1,188 @@
+"""Continuous batching: greedy output as at batch size 1, admission mid-batch, cancel, queue."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from chatdistill.errors import UserError
+from chatdistill.generate import Engine, SamplingParams
+from chatdistill.scheduler import QueueFullError, Scheduler
+
+from conftest import build_tiny_model, make_conversations
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models) -> Engine:
+    return Engine.load(str(tiny_models["qwen2"]))
+
+
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory, tokenizer_dir) -> Engine:
+    """A model that never picks EOS under greedy (its EOS logit is 0) and has a long context."""
+    path = build_tiny_model(
+        tmp_path_factory.mktemp("chatty"), tokenizer_dir, "llama", max_position_embeddings=8192
+    )
+    engine = Engine.load(str(path))
+    with torch.no_grad():
+        for eos in engine.eos_token_ids:
+            engine.model.lm_head.weight[eos] = 0
+    return engine
+
+
+@pytest.fixture(scope="module")
+def prompts(engine) -> list[list[int]]:
+    rows = make_conversations(6, seed=3)
+    return [engine.encode_chat(r["messages"][:-1]) for r in rows]
+
+
+@pytest.fixture
+def running():
+    """Start schedulers through this and they are shut down after the test."""
+    started: list[Scheduler] = []
+
+    def start(engine: Engine, **kw) -> Scheduler:
+        s = Scheduler(engine, **kw)
+        s.start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.shutdown()
+
+
+def test_concurrent_greedy_requests_equal_engine_at_batch_size_one(engine, prompts, running):
+    lengths = [5, 30, 12, 40, 3, 20]
+    params = [SamplingParams(max_new_tokens=n) for n in lengths]
+    expected = [engine.generate([p], sp, batch_size=1)[0] for p, sp in zip(prompts, params)]
+    sched = running(engine, max_batch=4)
+    requests = [sched.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    for req, want in zip(requests, expected, strict=True):
+        deltas = list(req.iter_sync())
+        assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1)
+        assert deltas[-1].finish_reason == want.finish_reason
+        assert "".join(d.text for d in deltas) == req.text == want.text
+        assert [t for d in deltas for t in d.token_ids] == want.token_ids
+        assert req.completion_tokens == len(want.token_ids)
+        assert req.prompt_tokens == len(want.prompt_ids)
+
+
+def test_request_submitted_while_others_run_gets_first_token_before_they_finish(chatty, running):
+    sched = running(chatty, max_batch=4)
+    prompt = chatty.encode_chat([{"role": "user", "content": "How much is the mug?"}])
+    long = [sched.submit(prompt, SamplingParams(max_new_tokens=400)) for _ in range(2)]
+    for req in long:
+        next(req.iter_sync())  # both are decoding
+    late = sched.submit(prompt[:-3], SamplingParams(max_new_tokens=5))
+    assert list(late.iter_sync())[-1].finish_reason == "length"
+    for req in long:
+        assert list(req.iter_sync())[-1].finish_reason == "length"
+        assert req.started_at < late.queued_at
+        assert late.first_token_at < late.finished_at < req.finished_at
+
+
+def test_cancelled_request_frees_its_slot(chatty, running):
+    sched = running(chatty, max_batch=1)
+    prompt = chatty.encode_chat([{"role": "user", "content": "Do you ship it to Oslo?"}])
+    hog = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    next(hog.iter_sync())
+    queued = sched.submit(prompt, SamplingParams(max_new_tokens=4))
+    assert sched.num_running == 1 and sched.num_waiting == 1
+    hog.cancel()
+    assert list(queued.iter_sync())[-1].finish_reason == "length"
+    assert list(hog.iter_sync())[-1].finish_reason == "cancelled"
+    assert hog.finish_reason == "cancelled" and hog.completion_tokens < 8000
+    assert hog.finished_at < queued.finished_at
+
+
+def test_cancelling_a_waiting_request_ends_it_at_once(engine, prompts):
+    sched = Scheduler(engine, max_batch=1)  # not started: everything waits
+    req = sched.submit(prompts[0], SamplingParams())
+    assert sched.num_waiting == 1
+    req.cancel()
+    assert [d.finish_reason for d in req.iter_sync()] == ["cancelled"]
+    assert sched.num_waiting == 0
+
+
+def test_queue_bound_raises_queue_full(engine, prompts):
+    sched = Scheduler(engine, max_batch=1, max_queue=2)
+    sched.submit(prompts[0], SamplingParams())
+    sched.submit(prompts[1], SamplingParams())
+    with pytest.raises(QueueFullError):
+        sched.submit(prompts[2], SamplingParams())
+    sched.shutdown()
+    assert sched.num_waiting == 0
+
+
+def test_async_streams_from_the_event_loop(engine, prompts, running):
+    sched = running(engine, max_batch=8)
+    params = SamplingParams(max_new_tokens=15)
+    expected = engine.generate(prompts[:3], params, batch_size=1)
+
+    async def collect(prompt):
+        req = sched.submit(prompt, params)
+        return [d async for d in req.stream()]
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in prompts[:3]))
+
+    results = asyncio.run(main())
+    for deltas, want in zip(results, expected, strict=True):
+        assert "".join(d.text for d in deltas) == want.text
+        assert deltas[-1].finish_reason == want.finish_reason
+
+
+def test_leaving_an_async_stream_early_cancels_the_request(chatty, running):
+    sched = running(chatty, max_batch=2)
+    prompt = chatty.encode_chat([{"role": "user", "content": "How much is the scarf?"}])
+
+    async def first_then_leave():
+        req = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+        stream = req.stream()
+        await stream.__anext__()
+        await stream.aclose()
+        return req
+
+    req = asyncio.run(first_then_leave())
+    assert list(req.iter_sync())[-1].finish_reason == "cancelled"
+
+
+def test_on_finish_hook_sees_each_request_once_with_ordered_times(engine, prompts, running):
+    seen = []
+    done = threading.Event()
+    sched = Scheduler(engine, max_batch=2)
+    sched.on_finish = lambda r: (seen.append(r), len(seen) == 3 and done.set())
+    sched.start()
+    try:
+        reqs = [sched.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts[:3]]
+        assert done.wait(120)
+    finally:
+        sched.shutdown()
+    assert sorted(r.id for r in seen) == sorted(r.id for r in reqs)
+    for r in seen:
+        assert r.queued_at <= r.started_at <= r.first_token_at <= r.finished_at
+        assert r.finish_reason == "length" and r.completion_tokens == 6
+
+
+def test_shutdown_cancels_running_and_waiting(chatty):
+    sched = Scheduler(chatty, max_batch=1)
+    sched.start()
+    prompt = chatty.encode_chat([{"role": "user", "content": "How much is the lamp?"}])
+    running_req = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    next(running_req.iter_sync())
+    waiting_req = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    sched.shutdown()
+    assert running_req.finish_reason == "cancelled"
+    assert waiting_req.finish_reason == "cancelled"
+    assert sched.num_running == 0 and sched.num_waiting == 0
+
+
+def test_bad_requests_are_user_errors_at_submit(engine, prompts):
+    sched = Scheduler(engine)
+    with pytest.raises(UserError, match="temperature"):
+        sched.submit(prompts[0], SamplingParams(temperature=-0.5))
+    with pytest.raises(UserError, match="empty"):
+        sched.submit([], SamplingParams())
+    assert sched.num_waiting == 0
