@@ -195,6 +195,92 @@ def _run_eval(args: argparse.Namespace) -> None:
     console.print(f"wrote {args.output}/results.json, summary.md, report.html")
 
 
+def _add_cache_teacher(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run the teacher once and store its top-k log-probs for `distill --teacher-cache`",
+        description="Render the data as the trainer does, run the teacher over it in batches and "
+        "store the top-k log-probs of every loss position in memory-mapped shards. Resumable: "
+        "rerun the same command to finish a killed run.",
+    )
+    p.add_argument("--teacher", required=True, help="teacher model directory")
+    p.add_argument("--data", required=True, help="training data: JSONL or Parquet chat rows")
+    p.add_argument("--output", required=True, help="cache directory")
+    p.add_argument("--top-k", type=int, default=64, help="log-probs kept per token (default: 64)")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="must equal loss.temperature (default: 1)"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=512, help="must equal data.max_length (default: 512)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.set_defaults(func=_run_cache_teacher)
+
+
+def _run_cache_teacher(args: argparse.Namespace) -> None:
+    from chatdistill.cache import write_cache
+
+    meta = write_cache(
+        args.teacher,
+        args.data,
+        args.output,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(
+        f"cached {meta['examples']} conversations ({meta['tokens']:,} tokens, "
+        f"{meta['dropped_by_truncation']} dropped by truncation) in {len(meta['shards'])} "
+        f"shard(s) at {args.output}"
+    )
+
+
+def _add_generate_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate-data",
+        help="write the teacher's answers as chat JSONL (sequence-level distillation data)",
+        description="Answer every prompt row with the teacher and write chat JSONL that any recipe "
+        "trains on; reference answers are replaced, other fields kept. Resumable: rerun the same "
+        "command to continue a partial output.",
+    )
+    p.add_argument("--teacher", required=True, help="teacher model directory")
+    p.add_argument("--prompts", required=True, help="chat rows (JSONL/Parquet) to answer")
+    p.add_argument("--output", required=True, help="output JSONL file")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer budget (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers decoded together")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="answers per prompt")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.set_defaults(func=_run_generate_data)
+
+
+def _run_generate_data(args: argparse.Namespace) -> None:
+    from chatdistill.rollout import generate_data
+
+    s = generate_data(
+        args.teacher,
+        args.prompts,
+        args.output,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        samples_per_prompt=args.samples_per_prompt,
+        device=args.device,
+    )
+    cut = f"; {s['truncated']} hit --max-new-tokens" if s["truncated"] else ""
+    print(
+        f"{args.output}: {s['rows']} rows ({s['new_tokens']:,} new tokens at "
+        f"{s['tokens_per_s']:,.0f} tok/s{cut})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatdistill",
@@ -206,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_serve(sub)
     _add_eval(sub)
+    _add_cache_teacher(sub)
+    _add_generate_data(sub)
     return parser
 
 

@@ -99,6 +99,11 @@ def lr_lambda(cfg: DistillConfig):
 
 def _check_mode(cfg: DistillConfig) -> None:
     if cfg.is_sft:
+        if cfg.on_policy.fraction > 0:
+            raise UserError(
+                "--on-policy-fraction needs a teacher to score the student's samples; "
+                "choose a divergence with --loss (e.g. jsd) and pass --teacher"
+            )
         return
     if cfg.teacher is None and cfg.teacher_cache is None:
         raise UserError(f"loss {cfg.loss.kind!r} needs --teacher or --teacher-cache, or --loss sft")
@@ -134,7 +139,9 @@ def _data(cfg: DistillConfig, tokenizer) -> tuple[Dataset | None, Dataset | None
     train = build_dataset(with_ref, tokenizer, n, str(cfg.data.train)) if with_ref else None
     source = str(cfg.data.validation or cfg.data.train)
     val = build_dataset(val_rows, tokenizer, n, source) if val_rows else None
-    return train, val, rows if fraction > 0 else []
+    # On-policy prompts: prompt-only rows and the training rows, never the validation rows.
+    prompts = [r for r in rows if not has_reference(r["messages"])] + with_ref
+    return train, val, prompts if fraction > 0 else []
 
 
 def _student(cfg: DistillConfig, teacher_model, vocab: int, tokenizer) -> torch.nn.Module:
@@ -186,6 +193,8 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         from chatdistill.cache import CachedTeacher
 
         teacher = CachedTeacher.open(cfg, tokenizer, train_data)
+        # The cache holds the whole data file, so a split of it can be scored from the cache too.
+        val_teacher = teacher if val_data is not None and teacher.covers(val_data) else None
     loss_module = StudentLoss(student, vocab, cfg)
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay

@@ -1,0 +1,469 @@
+"""Teacher cache: run the teacher once, store its top-k log-probs per loss position, train from it.
+
+Layout of a cache directory:
+
+    cache.json              settings, fingerprints, the shard plan and which shards are complete
+    shard-00000.safetensors keys (E, 16) uint8, offsets (E+1,) int64,
+                            ids (P, k) uint16 or int32, logprobs (P, k) float16
+
+E examples, P loss positions (t such that token t+1 carries loss, in order, per example). An
+example is found by a content key (a hash of its input_ids and labels), so the trainer's own
+split and shuffling do not matter. Log-probs are at the cache's temperature; the tail bucket is
+1 - Σ exp(top-k), computed by the loss. Shards are read through memory maps; each is written to a
+temporary name, fsynced and renamed, and `cache.json` lists it only afterwards, so a killed run
+resumes at the first incomplete shard and never reads half a file.
+"""
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatdistill.config import DistillConfig
+from chatdistill.data import (
+    Dataset,
+    Example,
+    collate,
+    load_rows,
+    render_example,
+    require_references,
+)
+from chatdistill.errors import UserError
+from chatdistill.losses import SparseLogprobs
+from chatdistill.models import (
+    check_vocab,
+    hidden_and_head,
+    load_model,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
+from chatdistill.teacher import loss_positions
+
+FORMAT = "chatdistill-teacher-cache"
+VERSION = 1
+META = "cache.json"
+SHARD_POSITIONS = 1 << 19  # ~128 MiB per shard at k=64 with uint16 ids
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
+_DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "F16": np.float16}
+_KEY_BYTES = 16
+
+
+def example_key(ex: Example) -> bytes:
+    """Content key of a rendered example: 16 bytes of sha256 over its input_ids and labels."""
+    h = hashlib.sha256(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+    h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
+    return h.digest()[:_KEY_BYTES]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_fingerprint(model_dir: str | Path) -> str:
+    """Hash identifying a teacher's weights without reading them all (fast for multi-GB models).
+
+    Covers config.json and, for every *.safetensors file: its name, size, JSON header (names,
+    dtypes, shapes, offsets) and 16 evenly spaced 64 KiB samples of its data, so two checkpoints
+    of the same architecture differ unless their sampled bytes are equal.
+    """
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise UserError(f"teacher {model_dir}: no config.json there; is it a model directory?")
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, size)))
+            start = 8 + n
+            span = max(size - start - _SAMPLE_BYTES, 0)
+            for i in range(_SAMPLES):
+                fh.seek(start + span * i // max(_SAMPLES - 1, 1))
+                h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def id_dtype(vocab_size: int) -> type:
+    """Smallest integer type that holds every token id."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(cache_dir: str | Path) -> dict:
+    p = Path(cache_dir) / META
+    if not p.is_file():
+        raise UserError(
+            f"{cache_dir}: not a teacher cache (no {META}); "
+            "build one with `chatdistill cache-teacher`"
+        )
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: corrupt ({e.msg}); rebuild the cache with cache-teacher") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise UserError(f"{p}: not a version-{VERSION} chatdistill teacher cache; rebuild it")
+    return meta
+
+
+class Shard:
+    """One shard file, its arrays memory-mapped after checking the header against the file size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        redo = "delete it and rerun `chatdistill cache-teacher` with the same arguments"
+        size = path.stat().st_size if path.is_file() else -1
+        if size < 0:
+            raise UserError(f"{path}: shard missing; {redo}")
+        try:
+            with path.open("rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 + n:
+                    raise ValueError("header runs past the end of the file")
+                header = json.loads(f.read(n))
+            self.arrays = {}
+            need = 8 + n + max(v["data_offsets"][1] for k, v in header.items() if k[0] != "_")
+            if size < need:
+                raise ValueError(f"{size} bytes, expected {need}")
+            for name in ("keys", "offsets", "ids", "logprobs"):
+                spec = header[name]
+                a, _ = spec["data_offsets"]
+                shape = tuple(spec["shape"])
+                dtype = _DTYPES[spec["dtype"]]
+                self.arrays[name] = np.memmap(path, dtype, "r", offset=8 + n + a, shape=shape)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: truncated or corrupt shard ({e}); {redo}") from None
+        self.keys = [bytes(k) for k in self.arrays["keys"]]
+        offsets = self.arrays["offsets"]
+        if len(offsets) != len(self.keys) + 1 or offsets[-1] != self.arrays["ids"].shape[0]:
+            raise UserError(f"{path}: corrupt shard (offsets do not match the data); {redo}")
+
+    def positions(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example e's (ids (n, k), logprobs (n, k)) views."""
+        a, b = int(self.arrays["offsets"][e]), int(self.arrays["offsets"][e + 1])
+        return self.arrays["ids"][a:b], self.arrays["logprobs"][a:b]
+
+
+class CachedTeacher:
+    """Teacher source reading top-k log-probs from a cache instead of running the teacher."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        self.vocab_size = meta["vocab_size"]
+        missing = [s["file"] for s in meta["shards"] if s["file"] not in meta["completed"]]
+        if missing:
+            raise UserError(
+                f"{path}: cache is incomplete ({len(missing)} of {len(meta['shards'])} shards "
+                "missing); rerun `chatdistill cache-teacher` with the same arguments to finish it"
+            )
+        self.shards = [Shard(path / s["file"]) for s in meta["shards"]]
+        self.index = {k: (i, e) for i, sh in enumerate(self.shards) for e, k in enumerate(sh.keys)}
+
+    @classmethod
+    def open(cls, cfg: DistillConfig, tokenizer, train_data: Dataset | None) -> "CachedTeacher":
+        """Open `cfg.teacher_cache` and refuse it unless it matches the recipe, saying why."""
+        path = Path(cfg.teacher_cache)
+        meta = read_meta(path)
+        rebuild = "rebuild it with `chatdistill cache-teacher`"
+        if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            raise UserError(
+                f"{path}: cache was built with another tokenizer (fingerprint "
+                f"{meta['tokenizer_fingerprint']}, this run's {tokenizer_fingerprint(tokenizer)}); "
+                f"{rebuild} using this tokenizer's teacher"
+            )
+        if meta["temperature"] != cfg.loss.temperature:
+            raise UserError(
+                f"{path}: cache holds log-probs at temperature {meta['temperature']} but "
+                f"loss.temperature is {cfg.loss.temperature}; set loss.temperature="
+                f"{meta['temperature']} or {rebuild} --temperature {cfg.loss.temperature}"
+            )
+        if meta["max_length"] != cfg.data.max_length:
+            raise UserError(
+                f"{path}: cache was built with max_length {meta['max_length']} but "
+                f"data.max_length is {cfg.data.max_length}; set data.max_length="
+                f"{meta['max_length']} or {rebuild} --max-length {cfg.data.max_length}"
+            )
+        if cfg.teacher and Path(cfg.teacher).is_dir():
+            fp = teacher_fingerprint(cfg.teacher)
+            if fp != meta["teacher_fingerprint"]:
+                raise UserError(
+                    f"{path}: cache was built from another teacher ({meta['teacher']}, "
+                    f"fingerprint {meta['teacher_fingerprint']}) than --teacher {cfg.teacher} "
+                    f"({fp}); pass the cache's teacher or {rebuild}"
+                )
+        cache = cls(path, meta)
+        if train_data is not None:
+            missing = cache.missing(train_data)
+            if missing:
+                raise UserError(
+                    f"{path}: {missing} of {len(train_data.examples)} training conversations from "
+                    f"{cfg.data.train} are not in the cache, built from {meta['data']} (sha256 "
+                    f"{meta['dataset_sha256'][:12]}); {rebuild} --data {cfg.data.train}"
+                )
+        return cache
+
+    def missing(self, dataset: Dataset) -> int:
+        """How many of the dataset's examples the cache lacks."""
+        return sum(example_key(ex) not in self.index for ex in dataset.examples)
+
+    def covers(self, dataset: Dataset) -> bool:
+        return self.missing(dataset) == 0
+
+    def _lookup(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+        found = self.index.get(example_key(ex))
+        if found is None:
+            raise UserError(f"{self.path}: a conversation is not in the cache; rebuild it")
+        shard = self.shards[found[0]]
+        ids, logprobs = shard.positions(found[1])
+        expected = sum(label != -100 for label in ex.labels[1:])
+        if len(ids) != expected or (len(ids) and int(ids.max()) >= self.vocab_size):
+            raise UserError(
+                f"{shard.path}: corrupt shard (positions do not match the conversation); delete "
+                "it and rerun `chatdistill cache-teacher` with the same arguments"
+            )
+        return ids, logprobs
+
+    def targets(
+        self, batch: dict[str, torch.Tensor], examples: list[Example]
+    ) -> Callable[[slice], SparseLogprobs]:
+        """Sparse targets for the batch's loss positions, row-major: ids (N, k), logprobs (N, k)."""
+        parts = [self._lookup(ex) for ex in examples]
+        device = batch["input_ids"].device
+        ids = torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.int64))
+        logprobs = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.float32))
+        n = int(loss_positions(batch["labels"]).sum())
+        if ids.shape[0] != n:
+            raise UserError(f"{self.path}: cache has {ids.shape[0]} positions for a batch of {n}")
+        sparse = SparseLogprobs(ids.to(device), logprobs.to(device))
+        return lambda s: sparse[s]
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def _render_unique(rows: list[dict], tokenizer, max_length: int) -> tuple[list[Example], int]:
+    """Rendered examples in data order with duplicates removed, and how many were dropped."""
+    seen, out, dropped = set(), [], 0
+    for row in rows:
+        ex = render_example(tokenizer, row["messages"], max_length)
+        if ex is None:
+            dropped += 1
+            continue
+        key = example_key(ex)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out, dropped
+
+
+def _plan(examples: list[Example], shard_positions: int) -> list[dict]:
+    """Cut the examples into shards of about `shard_positions` loss positions each."""
+    shards, start, count = [], 0, 0
+    for i, ex in enumerate(examples):
+        count += sum(label != -100 for label in ex.labels[1:])
+        if count >= shard_positions or i == len(examples) - 1:
+            shards.append({"file": f"shard-{len(shards):05d}.safetensors", "start": start})
+            shards[-1].update(end=i + 1, positions=count)
+            start, count = i + 1, 0
+    return shards
+
+
+@torch.no_grad()
+def _teacher_topk(base, head, batch: dict, vocab: int, k: int, temperature: float, chunk: int):
+    """Top-k log-probs at `temperature` for the batch's loss positions -> ids, logprobs (N, k)."""
+    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = hidden.last_hidden_state[:, :-1][loss_positions(batch["labels"])]  # (N, H)
+    ids, lps = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[s : s + chunk])[:, :vocab].float() / temperature
+        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        ids.append(top.indices.cpu())
+        lps.append(top.values.cpu())
+    return torch.cat(ids), torch.cat(lps)
+
+
+def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(arrays, str(tmp), metadata={"format": FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files readable by the owner only
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
+
+
+def _shard_ok(path: Path) -> bool:
+    try:
+        Shard(path)
+    except UserError:
+        return False
+    return True
+
+
+_SETTINGS = ("teacher_fingerprint", "tokenizer_fingerprint", "dataset_sha256", "top_k")
+_SETTINGS += ("temperature", "max_length", "shard_positions")
+
+
+def write_cache(
+    teacher: str,
+    data: str,
+    output: str,
+    top_k: int = 64,
+    temperature: float = 1.0,
+    max_length: int = 512,
+    batch_size: int = 8,
+    shard_positions: int = SHARD_POSITIONS,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the teacher over the data once and write (or finish) the cache; return its metadata."""
+    if top_k < 1 or batch_size < 1 or shard_positions < 1:
+        raise UserError("--top-k, --batch-size and shard size must be at least 1")
+    if temperature <= 0:
+        raise UserError(f"--temperature {temperature}: must be positive")
+    tokenizer = load_tokenizer(teacher, "teacher")
+    model = load_model(teacher, "teacher")
+    vocab = check_vocab(tokenizer, tokenizer, model)
+    if top_k > vocab:
+        raise UserError(
+            f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens); "
+            f"use --top-k {vocab} or less"
+        )
+    rows = load_rows(data)
+    require_references(rows, data, "the teacher cache")
+    examples, dropped = _render_unique(rows, tokenizer, max_length)
+    if not examples:
+        raise UserError(f"{data}: no conversation keeps an assistant token within {max_length}")
+    out = Path(output)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": str(teacher),
+        "teacher_fingerprint": teacher_fingerprint(teacher),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab,
+        "data": str(data),
+        "dataset_sha256": file_sha256(data),
+        "top_k": top_k,
+        "temperature": temperature,
+        "max_length": max_length,
+        "shard_positions": shard_positions,
+        "id_dtype": np.dtype(id_dtype(vocab)).name,
+        "logprob_dtype": "float16",
+        "examples": len(examples),
+        "dropped_by_truncation": dropped,
+        "tokens": sum(len(ex.input_ids) for ex in examples),
+        "shards": _plan(examples, shard_positions),
+        "completed": [],
+    }
+    if (out / META).is_file():
+        old = read_meta(out)
+        for key in _SETTINGS:
+            if old.get(key) != meta[key]:
+                raise UserError(
+                    f"{out} holds a cache with another {key} ({old.get(key)} vs {meta[key]}); "
+                    "choose a new --output or delete that directory"
+                )
+        meta["completed"] = [f for f in old["completed"] if _shard_ok(out / f)]
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / META, json.dumps(meta, indent=1).encode())
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    model = model.to(device, dtype=dtype).eval()
+    base, head = hidden_and_head(model)
+    pending = [s for s in meta["shards"] if s["file"] not in meta["completed"]]
+    total = sum(len(ex.input_ids) for s in pending for ex in examples[s["start"] : s["end"]])
+    bar = _Progress(total, enabled=progress)
+    try:
+        for shard in pending:
+            exs = examples[shard["start"] : shard["end"]]
+            arrays = _shard_arrays(exs, base, head, tokenizer, vocab, meta, batch_size, device, bar)
+            _write_shard(out / shard["file"], arrays)
+            meta["completed"].append(shard["file"])
+            _atomic_write(out / META, json.dumps(meta, indent=1).encode())
+    finally:
+        bar.close()
+    return meta
+
+
+def _shard_arrays(exs, base, head, tokenizer, vocab, meta, batch_size, device, bar) -> dict:
+    """Teacher top-k for one shard's examples, batched by length, stored in example order."""
+    k, temperature = meta["top_k"], meta["temperature"]
+    order = sorted(range(len(exs)), key=lambda i: len(exs[i].input_ids))
+    got: list = [None] * len(exs)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        chunk = [exs[i] for i in idx]
+        batch = {n: t.to(device) for n, t in collate(chunk, tokenizer.pad_token_id).items()}
+        ids, lps = _teacher_topk(base, head, batch, vocab, k, temperature, 1024)
+        counts = loss_positions(batch["labels"]).sum(1).tolist()
+        for i, a, n in zip(idx, np.cumsum([0] + counts[:-1]), counts, strict=True):
+            got[i] = (ids[a : a + n], lps[a : a + n])
+        bar.advance(sum(len(ex.input_ids) for ex in chunk))
+    sizes = [len(g[0]) for g in got]
+    return {
+        "keys": np.frombuffer(b"".join(example_key(ex) for ex in exs), np.uint8).reshape(-1, 16),
+        "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        "ids": torch.cat([g[0] for g in got]).numpy().astype(id_dtype(vocab)),
+        "logprobs": torch.cat([g[1] for g in got]).numpy().astype(np.float16),
+    }
+
+
+class _Progress:
+    """Rich progress bar over teacher tokens, with tokens/s and ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled and total > 0
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]teacher cache"),
+            BarColumn(),
+            TextColumn("{task.completed:,}/{task.total:,} tokens  {task.fields[rate]}"),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.bar.add_task("cache", total=total, rate="")
+        self.start, self.done = time.perf_counter(), 0
+        self.bar.start()
+
+    def advance(self, tokens: int) -> None:
+        if self.enabled:
+            self.done += tokens
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.update(self.task, advance=tokens, rate=f"{rate:,.0f} tok/s")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
