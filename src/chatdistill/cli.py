@@ -281,6 +281,37 @@ def _run_generate_data(args: argparse.Namespace) -> None:
     )
 
 
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal",
+        description="Talk to a model; answers stream as they are generated. /reset clears the "
+        "history, /exit quits; Ctrl-C stops an answer, Ctrl-C or Ctrl-D at the prompt quits.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="model directory (or hub id)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
+    p.add_argument("--system", help="system message kept at the start of the conversation")
+    p.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    from chatdistill.chat import run_chat
+
+    run_chat(
+        args.model_dir,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        system=args.system,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatdistill",
@@ -294,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_cache_teacher(sub)
     _add_generate_data(sub)
+    _add_chat(sub)
     return parser
 
 
