@@ -23,6 +23,7 @@ from chatdistill.data import Dataset, collate, iter_batches
 from chatdistill.errors import UserError
 from chatdistill.losses import reduce_step
 from chatdistill.progress import TrainProgress
+from chatdistill.rollout import OnPolicySampler
 from chatdistill.setup import Setup, prepare
 from chatdistill.teacher import loss_positions
 
@@ -105,18 +106,28 @@ def _mixed_precision(cfg: DistillConfig) -> str:
 def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
     acc, t = s.accelerator, s.cfg.train
     world, rank = acc.num_processes, acc.process_index
-    batches = iter_batches(s.train_data, t.batch_size, t.seed, state["epoch"], state["next_batch"])
+    batches = None
+    if s.train_data is not None:  # None when on-policy training has prompt-only data
+        batches = iter_batches(
+            s.train_data, t.batch_size, t.seed, state["epoch"], state["next_batch"]
+        )
+    sampler = OnPolicySampler(s) if s.cfg.on_policy.fraction > 0 else None
     progress = TrainProgress(t.max_steps, state["step"], enabled=acc.is_main_process)
     s.loss_module.train()
     try:
         while state["step"] < t.max_steps:
             started = time.perf_counter()
-            drawn = [next(batches) for _ in range(t.grad_accum * world)]
-            epoch, b, _ = drawn[-1]
-            mine = [
-                (ex, {k: v.to(acc.device) for k, v in collate(ex, s.pad_id).items()})
-                for _, _, ex in drawn[rank::world]
-            ]
+            on_policy = sampler is not None and sampler.is_on_policy(state["step"])
+            if on_policy:  # the student's own answers to training prompts replace the data
+                mine = sampler.micro_batches(state["step"], rank, world, t.grad_accum)
+            else:
+                drawn = [next(batches) for _ in range(t.grad_accum * world)]
+                epoch, b, _ = drawn[-1]
+                state.update(epoch=epoch, next_batch=b + 1)
+                mine = [
+                    (ex, {k: v.to(acc.device) for k, v in collate(ex, s.pad_id).items()})
+                    for _, _, ex in drawn[rank::world]
+                ]
             local = sum(loss_positions(batch["labels"]).sum().item() for _, batch in mine)
             step_tokens = acc.reduce(torch.tensor(local, device=acc.device), "sum").item()
             ce_tot = kd_tot = 0.0
@@ -139,7 +150,7 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
             s.optimizer.step()
             s.scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
-            state.update(step=state["step"] + 1, epoch=epoch, next_batch=b + 1)
+            state["step"] += 1
             real = sum(int(batch["attention_mask"].sum()) for _, batch in mine)
             slots = sum(batch["attention_mask"].numel() for _, batch in mine)
             state.update(tokens=state["tokens"] + real, pad=state["pad"] + slots - real)
@@ -156,6 +167,8 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
             }
             if s.teacher is not None:
                 record["kd"] = sums[1] / max(step_tokens, 1)
+            if sampler is not None:
+                record["on_policy"] = on_policy
             progress.update(record)
             if state["step"] % t.log_every == 0 or state["step"] == t.max_steps:
                 log.write(record)
@@ -194,7 +207,7 @@ def _finish(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
             "steps": state["step"],
             "train_tokens": state["tokens"],
             "padding_fraction": state["pad"] / max(state["slots"], 1),
-            "train_dropped_by_truncation": s.train_data.dropped,
+            "train_dropped_by_truncation": s.train_data.dropped if s.train_data else 0,
             **final_eval,
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))

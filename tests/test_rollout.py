@@ -1,0 +1,256 @@
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from chatdistill import rollout as rollout_mod
+from chatdistill import train as train_mod
+from chatdistill.cli import main
+from chatdistill.config import load_distill_config
+from chatdistill.data import IGNORE, load_rows
+from chatdistill.generate import Engine, SamplingParams
+from chatdistill.rollout import OnPolicySampler, end_of_turn_id, generate_data, is_on_policy_step
+from chatdistill.setup import prepare
+from chatdistill.train import train
+
+from conftest import make_conversations, write_jsonl
+
+
+def _cfg(out, teacher, data, **over):
+    base = {
+        "teacher": str(teacher),
+        "student_num_layers": 2,
+        "data.train": str(data),
+        "output": str(out),
+        "loss.kind": "jsd",
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.eval_every": 0,
+        "train.save_every": 2,
+        "train.warmup_steps": 1,
+        "train.log_every": 1,
+        "on_policy.fraction": 0.5,
+        "on_policy.max_new_tokens": 8,
+    }
+    base.update(over)
+    return load_distill_config(None, {k: v for k, v in base.items() if v is not None})
+
+
+def _prompt_rows(n=12):
+    rows = make_conversations(n, seed=4)
+    return [{"messages": r["messages"][:-1], "id": i} for i, r in enumerate(rows)]
+
+
+def _log(out):
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "split" not in r]
+
+
+def test_on_policy_steps_are_seeded_per_step_and_follow_the_fraction():
+    picks = [is_on_policy_step(0.3, 7, step) for step in range(2000)]
+    assert picks == [is_on_policy_step(0.3, 7, step) for step in range(2000)]
+    assert 0.25 < sum(picks) / len(picks) < 0.35
+    assert picks != [is_on_policy_step(0.3, 8, step) for step in range(2000)]
+    assert not any(is_on_policy_step(0.0, 7, s) for s in range(100))
+    assert all(is_on_policy_step(1.0, 7, s) for s in range(100))
+
+
+def test_on_policy_samples_carry_loss_on_sampled_tokens_and_the_end_of_turn(
+    tmp_path, tiny_models, chat_file
+):
+    cfg = _cfg(tmp_path, tiny_models["llama"], chat_file, **{"on_policy.max_new_tokens": 6})
+    s = prepare(cfg, Accelerator(cpu=True))
+    sampler = OnPolicySampler(s)
+    eot = end_of_turn_id(s.tokenizer)
+    assert s.tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
+    (examples, batch), second = sampler.micro_batches(3, 0, 1, 2)
+    assert batch["input_ids"].shape[0] == 4 and len(second[0]) == 4
+    for ex in examples:
+        prompt_len = next(i for i, label in enumerate(ex.labels) if label != IGNORE)
+        prompt = s.tokenizer.decode(ex.input_ids[:prompt_len])
+        assert prompt.endswith("<|im_start|>assistant\n")
+        answer = ex.labels[prompt_len:]
+        assert answer == ex.input_ids[prompt_len:] and 1 <= len(answer) <= 7
+        assert eot not in answer[:-1]  # only a generated end-of-turn, and only last
+    again, _ = sampler.micro_batches(3, 0, 1, 2)
+    assert [e.input_ids for e in again[0]] == [e.input_ids for e in examples]
+    other = sampler.micro_batches(4, 0, 1, 1)[0][0]
+    assert [e.input_ids for e in other] != [e.input_ids for e in examples]
+
+
+def test_processes_draw_different_prompts_for_the_same_step(tmp_path, tiny_models, chat_file):
+    s = prepare(_cfg(tmp_path, tiny_models["llama"], chat_file), Accelerator(cpu=True))
+    sampler = OnPolicySampler(s)
+    rank0 = sampler.micro_batches(0, 0, 2, 1)[0][0]
+    rank1 = sampler.micro_batches(0, 1, 2, 1)[0][0]
+    assert [e.input_ids for e in rank0] != [e.input_ids for e in rank1]
+
+
+def test_interrupted_on_policy_run_resumed_equals_uninterrupted(
+    tmp_path, tiny_models, chat_file, monkeypatch
+):
+    over = {"train.max_steps": 6}
+    full = train(_cfg(tmp_path / "full", tiny_models["llama"], chat_file, **over))
+    kinds = [r["on_policy"] for r in _log(full)]
+    assert True in kinds and False in kinds
+    real_update = train_mod.TrainProgress.update
+
+    def ctrl_c_at_step_3(self, record):
+        real_update(self, record)
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    cfg = _cfg(tmp_path / "cut", tiny_models["llama"], chat_file, **over)
+    monkeypatch.setattr(train_mod.TrainProgress, "update", ctrl_c_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(train_mod.TrainProgress, "update", real_update)
+    train(cfg, resume=True)
+    a, b = (
+        load_file(str(full / "model.safetensors")),
+        load_file(str(cfg.output + "/model.safetensors")),
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_prompt_only_data_trains_fully_on_policy(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "prompts.jsonl", _prompt_rows())
+    over = {"on_policy.fraction": 1.0, "train.max_steps": 2, "train.save_every": 0}
+    out = train(_cfg(tmp_path / "out", tiny_models["qwen2"], data, **over))
+    log = _log(out)
+    assert all(r["on_policy"] for r in log) and all(r["kd"] >= 0 for r in log)
+    assert (out / "model.safetensors").is_file()
+
+
+def _distill_error(capsys, args):
+    assert main(["distill", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_prompt_only_rows_are_refused_off_policy_naming_on_policy(tmp_path, tiny_models, capsys):
+    data = write_jsonl(tmp_path / "prompts.jsonl", _prompt_rows())
+    args = ["--teacher", str(tiny_models["llama"]), "--student-num-layers", "2", "--data"]
+    err = _distill_error(capsys, [*args, str(data), "--output", str(tmp_path / "o")])
+    assert "no assistant answer" in err and "--on-policy-fraction" in err
+
+
+def test_on_policy_data_without_usable_prompts_is_refused(tmp_path, tiny_models, capsys):
+    data = write_jsonl(tmp_path / "prompts.jsonl", _prompt_rows())
+    args = ["--teacher", str(tiny_models["llama"]), "--student-num-layers", "2", "--data"]
+    args += [str(data), "--output", str(tmp_path / "o"), "--on-policy-fraction", "1"]
+    err = _distill_error(capsys, [*args, "--set", "data.max_length=8"])
+    assert "no prompt" in err and "data.max_length" in err
+
+
+def test_on_policy_with_sft_is_refused(tmp_path, tiny_models, chat_file, capsys):
+    args = ["--student-config", str(tiny_models["llama"]), "--loss", "sft", "--data"]
+    args += [str(chat_file), "--output", str(tmp_path / "o"), "--on-policy-fraction", "0.5"]
+    assert "--on-policy-fraction" in _distill_error(capsys, args)
+
+
+# ------------------------------------------------------------------------------- generate-data
+
+
+def test_generate_data_writes_the_teachers_greedy_answers_and_keeps_fields(tmp_path, tiny_models):
+    rows = make_conversations(5, seed=2)
+    rows[0]["answer"] = "kept"
+    rows[1] = {"prompt": "How much is the lamp?", "completion": "old", "answer": "ten"}
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "seqkd.jsonl"
+    summary = generate_data(
+        str(tiny_models["llama"]), str(prompts), str(out), max_new_tokens=6, progress=False
+    )
+    got = load_rows(out)
+    assert summary["rows"] == 5 and len(got) == 5
+    engine = Engine.load(str(tiny_models["llama"]), device="cpu")
+    for src, row in zip(load_rows(prompts), got):
+        assert row["messages"][:-1] == src["messages"][:-1]
+        expect = engine.chat(src["messages"][:-1], SamplingParams(max_new_tokens=6))
+        assert row["messages"][-1] == {"role": "assistant", "content": expect.text}
+    assert got[0]["answer"] == "kept" and got[1]["answer"] == "ten"
+
+
+def test_generate_data_samples_several_seeded_answers_per_prompt(tmp_path, tiny_models):
+    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(3))
+    kw = dict(max_new_tokens=6, temperature=1.0, samples_per_prompt=2, progress=False)
+    generate_data(str(tiny_models["llama"]), str(prompts), str(tmp_path / "a.jsonl"), **kw)
+    generate_data(str(tiny_models["llama"]), str(prompts), str(tmp_path / "b.jsonl"), **kw)
+    a = load_rows(tmp_path / "a.jsonl")
+    assert [r["id"] for r in a] == [0, 0, 1, 1, 2, 2]
+    assert a == load_rows(tmp_path / "b.jsonl")
+    assert a[0]["messages"][-1] != a[1]["messages"][-1]
+
+
+def test_killed_generate_data_resumes_to_the_same_file(tmp_path, tiny_models, monkeypatch):
+    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(12))
+    teacher = str(tiny_models["gpt2"])
+    kw = dict(max_new_tokens=5, temperature=0.8, batch_size=2, progress=False)
+    generate_data(teacher, str(prompts), str(tmp_path / "full.jsonl"), **kw)
+    real, calls = Engine.generate, []
+
+    def die_on_second_call(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    out = tmp_path / "cut.jsonl"
+    monkeypatch.setattr(rollout_mod.Engine, "generate", die_on_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        generate_data(teacher, str(prompts), str(out), **kw)
+    with out.open("a") as f:
+        f.write('{"messages": [{"role": "us')  # a line cut off by the kill
+    monkeypatch.setattr(rollout_mod.Engine, "generate", real)
+    summary = generate_data(teacher, str(prompts), str(out), **kw)
+    assert summary["rows"] == 12
+    assert out.read_text() == (tmp_path / "full.jsonl").read_text()
+
+
+def _gen_error(capsys, args):
+    assert main(["generate-data", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_generate_data_refuses_to_resume_with_other_settings(tmp_path, tiny_models, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(2))
+    args = ["--teacher", str(tiny_models["llama"]), "--prompts", str(prompts), "--output"]
+    args += [str(tmp_path / "o.jsonl"), "--max-new-tokens", "4"]
+    assert main(["generate-data", *args]) == 0
+    assert "o.jsonl: 2 rows" in capsys.readouterr().out
+    assert "max_new_tokens" in _gen_error(capsys, [*args[:-1], "5"])
+
+
+def test_generate_data_refuses_greedy_repeats_and_foreign_outputs(tmp_path, tiny_models, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(2))
+    args = ["--teacher", str(tiny_models["llama"]), "--prompts", str(prompts), "--output"]
+    assert "--temperature" in _gen_error(
+        capsys, [*args, str(tmp_path / "o.jsonl"), "--samples-per-prompt", "2"]
+    )
+    foreign = write_jsonl(tmp_path / "mine.jsonl", _prompt_rows(1))
+    assert "not written by generate-data" in _gen_error(capsys, [*args, str(foreign)])
+
+
+def test_generated_data_trains_a_student_with_sft(tmp_path, tiny_models):
+    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(12))
+    data = tmp_path / "seqkd.jsonl"
+    generate_data(str(tiny_models["llama"]), str(prompts), str(data), 8, progress=False)
+    cfg = load_distill_config(
+        None,
+        {
+            "student_config": str(tiny_models["llama"]),
+            "tokenizer": str(tiny_models["llama"]),
+            "loss.kind": "sft",
+            "data.train": str(data),
+            "output": str(tmp_path / "sft"),
+            "train.max_steps": 2,
+            "train.save_every": 0,
+        },
+    )
+    assert (train(cfg) / "model.safetensors").is_file()
