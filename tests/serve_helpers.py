@@ -86,10 +86,11 @@ def running_server(model_dir: Path, log: Path, *args: str) -> Iterator[Server]:
 
 
 def make_endless(model_dir: Path) -> Path:
-    """Rewrite a tiny Llama's output head so that it never predicts EOS: the final norm keeps
-    only hidden unit 0, and the head maps its sign to one of two letter tokens ("a" or "b").
-    Every other logit is 0, so the sampled token is one of the two at any temperature the tests
-    use, and each answer runs to its max_tokens."""
+    """Rewrite a tiny Llama's output head so that greedy decoding never picks EOS: the final
+    norm keeps only hidden unit 0, and the head maps its sign to one of two letter tokens ("a"
+    or "b") with logit +-1000 * |unit 0|; every other logit is 0, so the argmax is always "a" or
+    "b" and each greedy answer runs to its max_tokens. (Sampling could still pick EOS when unit 0
+    happens to be near 0, so the tests that rely on this decode with temperature 0.)"""
     tok = AutoTokenizer.from_pretrained(model_dir)
     a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
     path = model_dir / "model.safetensors"

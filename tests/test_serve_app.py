@@ -27,6 +27,8 @@ KEY = "test-key-123"
 NAME = "tiny-llama"
 HELLO = [{"role": "user", "content": "How much is the kettle?"}]
 AUTH = {"Authorization": f"Bearer {KEY}"}
+# The endless model never stops only when decoding greedily (see make_endless).
+GREEDY = {"messages": HELLO, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +323,7 @@ def _wait_health(server, **want) -> dict:
 
 
 def _open_stream(http: httpx.Client, server, max_tokens: int = 3000):
-    body = {"messages": HELLO, "max_tokens": max_tokens, "stream": True}
+    body = {**GREEDY, "max_tokens": max_tokens, "stream": True}
     req = http.build_request("POST", server.api + "/chat/completions", json=body)
     return http.send(req, stream=True)
 
@@ -335,7 +337,8 @@ def test_full_queue_is_429_with_retry_after(limits):
         try:
             _wait_health(limits, running=1, waiting=1)
             resp = httpx.post(
-                limits.api + "/chat/completions", json={"messages": HELLO, "max_tokens": 5}
+                limits.api + "/chat/completions",
+                json={"messages": HELLO, "max_tokens": 5, "temperature": 0},
             )
             err = _assert_error(resp, 429)
             assert err["code"] == "queue_full"
@@ -362,9 +365,7 @@ def test_client_disconnect_cancels_its_request(limits):
     ]
     assert cancelled and float(cancelled[0].split()[-1]) >= 1
     assert metric_value(text, "chatdistill_requests_total") == before + 1
-    ok = httpx.post(
-        limits.api + "/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=30
-    )
+    ok = httpx.post(limits.api + "/chat/completions", json={**GREEDY, "max_tokens": 4}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
 
 
@@ -372,7 +373,7 @@ def test_non_streaming_client_that_gives_up_frees_the_slot(limits):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             limits.api + "/chat/completions",
-            json={"messages": HELLO, "max_tokens": 3000},
+            json={**GREEDY, "max_tokens": 3000},
             timeout=0.5,
         )
     _wait_health(limits, running=0, waiting=0)
@@ -380,14 +381,14 @@ def test_non_streaming_client_that_gives_up_frees_the_slot(limits):
 
 def test_request_past_the_timeout_is_504(hasty):
     resp = httpx.post(
-        hasty.api + "/chat/completions", json={"messages": HELLO, "max_tokens": 4000}, timeout=60
+        hasty.api + "/chat/completions", json={**GREEDY, "max_tokens": 4000}, timeout=60
     )
     err = _assert_error(resp, 504)
     assert err["code"] == "request_timeout"
 
 
 def test_streamed_request_past_the_timeout_ends_with_an_error_event(hasty):
-    body = {"messages": HELLO, "max_tokens": 4000, "stream": True}
+    body = {**GREEDY, "max_tokens": 4000, "stream": True}
     with httpx.stream("POST", hasty.api + "/chat/completions", json=body, timeout=60) as resp:
         events = list(sse_events(resp.iter_lines()))
     assert events[-1] == "[DONE]"
@@ -397,6 +398,6 @@ def test_streamed_request_past_the_timeout_ends_with_an_error_event(hasty):
         cl = openai.OpenAI(base_url=hasty.api, api_key="none", max_retries=0)
         list(
             cl.chat.completions.create(
-                model="endless", messages=HELLO, max_tokens=4000, stream=True
+                model="endless", messages=HELLO, max_tokens=4000, temperature=0, stream=True
             )
         )

@@ -214,33 +214,36 @@ class CompletionService:
         return APIError(500, "generation failed; see the server log", code="generation_error")
 
     async def _deltas(self, job: Job, prompt_tokens: int) -> AsyncIterator[Delta]:
-        """The job's deltas until the deadline; `asyncio.TimeoutError` after it. Records the
+        """The job's deltas; `asyncio.TimeoutError` once `request_timeout_s` has passed (a timer
+        cancels the job, so nothing runs on for a client that was told it timed out). Records the
         inter-token gaps and, at the end, the request's metrics."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.request_timeout_s
-        stream = job.stream().__aiter__()
-        last = None
-        tokens, reason = 0, "cancelled"
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            job.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.cfg.request_timeout_s, expire)
+        last, tokens, reason = None, 0, "cancelled"
         try:
-            while True:
-                try:
-                    delta = await asyncio.wait_for(stream.__anext__(), deadline - loop.time())
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:
-                    reason = "timeout"
-                    raise
-                now = time.monotonic()
-                if delta.token_ids:
-                    if last is not None:
-                        self.metrics.observe_token_gap(now - last, len(delta.token_ids))
-                    last = now
-                    tokens += len(delta.token_ids)
-                if delta.finish_reason is not None:
-                    reason = delta.finish_reason
-                yield delta
+            async with aclosing(job.stream()) as stream:
+                async for delta in stream:
+                    if delta.finish_reason == "cancelled" and expired:
+                        reason = "timeout"
+                        raise asyncio.TimeoutError
+                    now = time.monotonic()
+                    if delta.token_ids:
+                        if last is not None:
+                            self.metrics.observe_token_gap(now - last, len(delta.token_ids))
+                        last = now
+                        tokens += len(delta.token_ids)
+                    if delta.finish_reason is not None:
+                        reason = delta.finish_reason
+                    yield delta
         finally:
-            if reason in ("cancelled", "timeout"):
+            timer.cancel()
+            if reason == "cancelled":  # the consumer stopped early: free the batch slot
                 job.cancel()
             self._record(job, prompt_tokens, tokens, reason)
 
