@@ -165,14 +165,15 @@ fictional home-goods shop, ask about {len(FACTS)} facts of its knowledge base
 (`chatdistill/demo/kb.py`): prices, colours and weights of {len(PRODUCTS)} products, opening
 hours of {len(STORES)} stores per weekday and their addresses, standard and express shipping
 times and costs to {len(SHIPPING)} countries, return rules, contacts and payment. Each row
-carries `intent` and `answer`, the exact fact its final assistant turn states, for scoring by
-normalised containment. Every fact is the final answer of
-{len(support_train) // len(FACTS)} or more train rows, so a model trained on all train rows can
-know all of them, while no assistant turn of a random 10% of the train rows states
-{min(missed)}-{max(missed)} of the {len(FACTS)} facts (three draws). Question wordings are
-split: validation and test ask in wordings the train split never uses. Some rows are two-turn
-(a follow-up such as "And on Sunday?"), some open with a system prompt, some carry typos or
-casual phrasing.
+carries `intent`, `answer` (the exact fact its final assistant turn states, for scoring by
+normalised containment) and `wordings` (ids of the question wordings it uses).
+
+Every fact is the final answer of {len(support_train) // len(FACTS)} or more train rows, so a
+model trained on all train rows can know all of them, while no assistant turn of a random 10%
+of the train rows states {min(missed)}-{max(missed)} of the {len(FACTS)} facts (three draws).
+Question wordings are split: validation and test ask in wordings the train split never uses.
+Some rows are two-turn (a follow-up such as "And on Sunday?"), some open with a system prompt,
+some carry typos or casual phrasing.
 Facts per intent: {", ".join(f"{k} {v}" for k, v in intents.items())}.
 
 **Small talk (`source: "chatterbot/<language>/<file>"`)**: human-written dialogues from the
