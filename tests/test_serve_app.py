@@ -4,6 +4,8 @@ to send."""
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import types
 
@@ -11,6 +13,7 @@ import httpx
 import openai
 import pytest
 from serve_helpers import (
+    free_port,
     launch,
     make_endless,
     metric_value,
@@ -401,3 +404,30 @@ def test_streamed_request_past_the_timeout_ends_with_an_error_event(hasty):
                 model="endless", messages=HELLO, max_tokens=4000, temperature=0, stream=True
             )
         )
+
+
+# ---------------------------------------------------------------- CLI mistakes
+
+
+def _serve_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "chatdistill.cli", "serve", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_serve_cli_reports_a_missing_model_dir_in_one_line(tmp_path):
+    done = _serve_cli(str(tmp_path / "nope"), "--port", str(free_port()))
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_serve_cli_reports_a_port_in_use_before_loading_the_model(main, tiny_models):
+    port = main.url.rsplit(":", 1)[1]
+    done = _serve_cli(str(tiny_models["llama"]), "--port", port)
+    assert done.returncode == 2
+    assert "cannot listen on 127.0.0.1:" + port in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_cli_rejects_a_zero_batch(tiny_models):
+    done = _serve_cli(str(tiny_models["llama"]), "--max-batch", "0")
+    assert done.returncode == 2 and "--max-batch must be positive" in done.stderr

@@ -6,17 +6,21 @@ Routes stay thin; `serve/completions.py` holds the request-to-scheduler logic an
 
 import hmac
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatdistill.errors import UserError
 from chatdistill.generate import Engine
 from chatdistill.scheduler import Scheduler
 from chatdistill.serve.completions import CompletionService
@@ -175,6 +179,16 @@ def create_app(backend: Scheduler | Engine, cfg: ServeConfig) -> FastAPI:
     return app
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Fail with a one-line error before the model loads when the address cannot be bound."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host"
+        ) from e
+
+
 def run_server(
     model_dir: str,
     *,
@@ -189,11 +203,7 @@ def run_server(
     log_level: str = "info",
 ) -> None:
     """Load the model in `model_dir` and serve it until interrupted."""
-    import os
-    from pathlib import Path
-
-    import uvicorn
-
+    _check_bindable(host, port)
     engine = Engine.load(model_dir, device=device)
     name = model_name or Path(model_dir).resolve().name
     cfg = ServeConfig(
@@ -207,5 +217,4 @@ def run_server(
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     app = create_app(engine, cfg)
     print(f"serving '{name}' on http://{host}:{port}  (chat page at /, API at /v1)", flush=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
