@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from chatdistill.errors import UserError
 from chatdistill.generate import Engine, SamplingParams
@@ -123,9 +124,7 @@ class CompletionService:
     def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             return self.engine.encode_chat(messages)
-        except (
-            Exception
-        ) as e:  # a chat template may reject a role order; that is the request's fault
+        except Exception as e:  # a template may reject e.g. a role order: the request's fault
             raise APIError(
                 400, f"messages: the model's chat template rejected them: {e}", param="messages"
             ) from e
@@ -290,7 +289,7 @@ class CompletionService:
         out.text = "".join(out.parts)
         return out
 
-    def _sse(self, job: Job, chunks: "_ChunkMaker") -> StreamingResponse:
+    def _sse(self, job: Job, chunks: "_ChunkMaker") -> "_JobStream":
         """An SSE response: a role chunk, content chunks, the finish chunk, an optional usage
         chunk, `[DONE]`. Starlette cancels this generator when the client disconnects; the
         `finally` in `_deltas` then cancels the job."""
@@ -315,8 +314,9 @@ class CompletionService:
                 yield _event(self._failure(reason).body())
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(
+        return _JobStream(
             events(),
+            job,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -358,6 +358,22 @@ class CompletionService:
             ).model_dump(),
             include_usage=body.include_usage(),
         )
+
+
+class _JobStream(StreamingResponse):
+    """A streaming response that cancels its job however the response ends, including a client
+    that disconnects before the first chunk (the event generator never starts, so its own
+    cleanup never runs). Cancelling a finished job does nothing."""
+
+    def __init__(self, content: AsyncIterator[str], job: Job, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 @dataclass
