@@ -431,3 +431,36 @@ def test_serve_cli_reports_a_port_in_use_before_loading_the_model(main, tiny_mod
 def test_serve_cli_rejects_a_zero_batch(tiny_models):
     done = _serve_cli(str(tiny_models["llama"]), "--max-batch", "0")
     assert done.returncode == 2 and "--max-batch must be positive" in done.stderr
+
+
+def test_create_app_serves_a_scheduler_it_does_not_own(engine):
+    """An app built on the caller's scheduler uses it and leaves starting/stopping to the caller."""
+    import threading
+
+    import uvicorn
+
+    from chatdistill.scheduler import Scheduler
+    from chatdistill.serve.app import create_app
+    from chatdistill.serve.config import ServeConfig
+
+    scheduler = Scheduler(engine, max_batch=2, max_queue=4)
+    scheduler.start()
+    app = create_app(scheduler, ServeConfig(model_name="shared"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cl = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        resp = cl.completions.create(model="shared", prompt="The mug", max_tokens=3, temperature=0)
+        assert resp.usage.completion_tokens <= 3
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    job = scheduler.submit(engine.encode_chat(HELLO), SamplingParams(max_new_tokens=2))
+    assert list(job.iter_sync())[-1].finish_reason in ("stop", "length")  # still running
+    scheduler.shutdown()
