@@ -200,7 +200,10 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    loss_module, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
+    # The schedule counts optimizer steps: accelerate's prepared scheduler would advance once per
+    # process, so it stays unprepared and is registered for checkpointing instead.
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
         t_params = count_parameters(teacher_model) if teacher_model is not None else None
         s_params = count_parameters(student)

@@ -28,28 +28,32 @@ from chatdistill.setup import Setup, prepare
 from chatdistill.teacher import loss_positions
 
 
-def _loss_sums(s: Setup, batch: dict, examples: list, teacher) -> tuple[torch.Tensor, ...]:
+def _loss_sums(
+    module: torch.nn.Module, batch: dict, examples: list, teacher
+) -> tuple[torch.Tensor, ...]:
     """Student loss sums on one micro-batch -> (ce_sum, kd_sum), scalars."""
     teacher_fn = teacher.targets(batch, examples) if teacher is not None else None
-    return s.loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_fn)
+    return module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_fn)
 
 
 @torch.no_grad()
 def evaluate_split(s: Setup, dataset: Dataset, teacher) -> dict[str, float]:
     """Token-weighted validation CE (and divergence when a teacher is present)."""
-    was_training = s.loss_module.training
-    s.loss_module.eval()
+    # The unwrapped module: a DDP forward would sync buffers, and ranks run different batch counts.
+    module = s.accelerator.unwrap_model(s.loss_module)
+    was_training = module.training
+    module.eval()
     ce = kd = n = 0.0
     bs = s.cfg.train.batch_size
     ex = dataset.examples
     for i in range(s.accelerator.process_index * bs, len(ex), bs * s.accelerator.num_processes):
         chunk = ex[i : i + bs]
         batch = {k: v.to(s.accelerator.device) for k, v in collate(chunk, s.pad_id).items()}
-        c, k = _loss_sums(s, batch, chunk, teacher)
+        c, k = _loss_sums(module, batch, chunk, teacher)
         ce, kd, n = ce + c.item(), kd + k.item(), n + loss_positions(batch["labels"]).sum().item()
     totals = s.accelerator.reduce(torch.tensor([ce, kd, n], device=s.accelerator.device), "sum")
     ce, kd, n = totals.tolist()
-    s.loss_module.train(was_training)
+    module.train(was_training)
     out = {"val_ce": ce / max(n, 1), "val_ppl": math.exp(min(ce / max(n, 1), 50))}
     if teacher is not None:
         out["val_kd"] = kd / max(n, 1)
@@ -71,7 +75,10 @@ class MetricsLog:
 def train(cfg: DistillConfig, resume: bool = False) -> Path:
     """Run the recipe; return the output directory holding the final student."""
     transformers.utils.logging.disable_progress_bar()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg))
+    # cpu=True without a GPU makes a multi-process launch use gloo on the CPU (MULTI_CPU).
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available()
+    )
     set_seed(cfg.train.seed)
     out = Path(cfg.output)
     previous = ckpt.latest_checkpoint(out)
@@ -134,7 +141,7 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
             for i, (ex, batch) in enumerate(mine):
                 sync = i == len(mine) - 1
                 with nullcontext() if sync else acc.no_sync(s.loss_module):
-                    ce, kd = _loss_sums(s, batch, ex, s.teacher)
+                    ce, kd = _loss_sums(s.loss_module, batch, ex, s.teacher)
                     loss = reduce_step(ce, kd, s.ce_weight, step_tokens) * world
                     acc.backward(loss)
                 ce_tot, kd_tot = ce_tot + ce.item(), kd_tot + kd.item()
