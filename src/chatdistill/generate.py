@@ -265,6 +265,7 @@ class DecodeBatch:
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None
+        self.padded = False  # some row is shorter than the cache: the mask must be passed
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -308,6 +309,7 @@ class DecodeBatch:
         self.positions = torch.cat([self.positions, position])
         self.pending = torch.cat([self.pending, token])
         self.seqs.append(seq)
+        self.padded = self.padded or pad_old > 0 or pad_new > 0
 
     def step(self) -> list[str]:
         """Feed every row its pending token and pick the next one; returns each row's new text."""
@@ -315,7 +317,8 @@ class DecodeBatch:
         self.mask = torch.cat([self.mask, ones], dim=1)
         out = self.model(
             input_ids=self.pending[:, None],
-            attention_mask=self.mask,
+            # Without padding the model's own causal mask is right and cheaper to build.
+            attention_mask=self.mask if self.padded else None,
             position_ids=self.positions[:, None],
             past_key_values=self.cache,
             use_cache=True,
@@ -342,6 +345,7 @@ class DecodeBatch:
         self.mask = mask[:, start:]
         self.positions, self.pending = self.positions[idx], self.pending[idx]
         self.seqs = [self.seqs[i] for i in keep]
+        self.padded = int(self.positions.min()) < self.mask.shape[1]
         return done
 
 

@@ -1,0 +1,210 @@
+"""Generation speed: `Engine.generate` against a loop calling `model.generate` once per prompt.
+
+Model: a random-init Llama built from a config (4 layers, 256 wide, 4k vocab) with a byte-level
+BPE tokenizer trained on the English chatterbot corpus. Its end-of-turn logit is zeroed so greedy
+decoding never stops early: every method generates exactly `--new-tokens` tokens per prompt and
+tokens/s compares equal work. Prompts: 8 chat prompts of different lengths (ChatML template).
+
+Baseline (same run): `model.generate(do_sample=False)` per prompt, the KV cache on. Rows:
+engine at batch 1 and batch 8, engine at batch 8 while streaming text with stop strings, and (for
+reference only) `model.generate` on the whole left-padded batch at once. Greedy outputs are checked
+against the baseline token for token.
+
+    python bench/generate_speed.py [--new-tokens 64] [--repeats 3] [--threads 2]
+
+Writes bench/results/generate_speed.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from chatdistill.generate import Engine, SamplingParams  # noqa: E402
+from chatdistill.tokenizer import train_bpe_tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "generate_speed.json"
+
+
+def corpus_conversations() -> list[list[str]]:
+    import chatterbot_corpus
+    import yaml
+
+    root = Path(chatterbot_corpus.__file__).parent / "data" / "english"
+    convs = []
+    for f in sorted(root.glob("*.yml")):
+        convs += [
+            [str(x) for x in c] for c in yaml.safe_load(f.read_text()).get("conversations", [])
+        ]
+    return convs
+
+
+def build_engine(out: Path, convs: list[list[str]]) -> Engine:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_bpe_tokenizer([t for c in convs for t in c], vocab_size=4096)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 0  # never the argmax: fixed output length
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return Engine.load(str(out), device="cpu")
+
+
+def bench_prompts(engine: Engine, convs: list[list[str]]) -> list[list[int]]:
+    """8 prompts from 1 to 8 user/assistant exchanges, so their lengths all differ."""
+    long_convs = sorted((c for c in convs if len(c) >= 4), key=len, reverse=True)
+    prompts = []
+    for n in range(1, 9):
+        turns = (long_convs[n % len(long_convs)] * 8)[: 2 * n - 1]
+        roles = ["user", "assistant"] * n
+        prompts.append(
+            engine.encode_chat([{"role": r, "content": t} for r, t in zip(roles, turns)])
+        )
+    return prompts
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Best wall time of `repeats` runs after one warm-up run, and the last result."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    convs = corpus_conversations()
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = build_engine(Path(tmp) / "model", convs)
+    model, tok = engine.model, engine.tokenizer
+    prompts = bench_prompts(engine, convs)
+    n = args.new_tokens
+    greedy = SamplingParams(max_new_tokens=n)
+
+    def hf_loop() -> list[list[int]]:
+        outs = []
+        with torch.no_grad():
+            for p in prompts:
+                ids = torch.tensor([p])
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+                outs.append(out[0, len(p) :].tolist())
+        return outs
+
+    def hf_padded_batch() -> list[list[int]]:
+        tok.padding_side = "left"
+        batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        return out[:, batch["input_ids"].shape[1] :].tolist()
+
+    def engine_run(batch_size: int, params: SamplingParams, stream: bool = False):
+        sink: list[str] = []
+        on_text = (lambda _row, text: sink.append(text)) if stream else None
+
+        def run() -> list[list[int]]:
+            outs = engine.generate(prompts, params, on_text=on_text, batch_size=batch_size)
+            return [c.token_ids for c in outs]
+
+        return run
+
+    streaming = SamplingParams(max_new_tokens=n, stop=["<never>", "qqqzzz"])
+    runs = [
+        ("model.generate loop (baseline)", 1, hf_loop),
+        ("Engine.generate", 1, engine_run(1, greedy)),
+        ("Engine.generate", 8, engine_run(8, greedy)),
+        ("Engine.generate + streaming + stop strings", 8, engine_run(8, streaming, stream=True)),
+        ("model.generate padded batch (reference)", 8, hf_padded_batch),
+    ]
+    rows, reference = [], None
+    for name, batch, fn in runs:
+        seconds, outs = timed(fn, args.repeats)
+        reference = reference if reference is not None else outs
+        tokens = sum(len(o) for o in outs)
+        rows.append(
+            {
+                "method": name,
+                "batch": batch,
+                "tokens": tokens,
+                "seconds": round(seconds, 4),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "same_tokens_as_baseline": outs == reference,
+            }
+        )
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["ratio_vs_baseline"] = round(r["tokens_per_s"] / base, 2)
+
+    print(
+        f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
+        f"{n} new tokens each, greedy, {args.threads} threads, best of {args.repeats}"
+    )
+    head = f"{'method':44} {'batch':>5} {'tokens':>6} {'s':>7} {'tok/s':>8} {'x base':>6} same"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(
+            f"{r['method']:44} {r['batch']:>5} {r['tokens']:>6} {r['seconds']:>7.3f} "
+            f"{r['tokens_per_s']:>8.1f} {r['ratio_vs_baseline']:>6.2f} "
+            f"{'yes' if r['same_tokens_as_baseline'] else 'NO'}"
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "generate_speed",
+                "model": "llama 4x256, vocab 4096, random init (EOS logit zeroed)",
+                "prompt_tokens": [len(p) for p in prompts],
+                "new_tokens": n,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "torch": torch.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
