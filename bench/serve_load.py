@@ -12,10 +12,12 @@ Fixed output length: the server has no `ignore_eos`; with a random model and a 4
 end-of-turn token is sampled about once in 4k tokens, so nearly every request runs to
 max_tokens. Throughput counts the tokens actually generated (from `usage`), never max_tokens.
 
-Baseline (same run, after the server stops so the CPU is not shared): a sequential loop over the
-same prompts and seeds, one `model.generate(do_sample=True, temperature=1)` call per request with
-the KV cache, no HTTP, timed with a streamer that stamps every new token. This is the model
-served one request at a time; its tokens/s does not change with concurrency.
+Baseline (same run, never while the server runs, so the CPU is not shared): a sequential loop
+over the same prompts and seeds, one `model.generate(do_sample=True, temperature=1)` call per
+request with the KV cache, no HTTP, timed with a streamer that stamps every new token. This is
+the model served one request at a time; its tokens/s does not change with concurrency. It is
+measured once before the server starts and once after it stops, and the two are pooled, so a
+machine whose load drifts during the run does not favour either side.
 
     python bench/serve_load.py [--model DIR] [--concurrency 1,4,16,32] [--threads 2]
 
@@ -210,6 +212,11 @@ def start_server(model: Path, args, log: Path) -> tuple[subprocess.Popen, str]:
 # ------------------------------------------------------------------ baseline
 
 
+def pool(a: dict, b: dict) -> dict:
+    """Two baseline runs as one: all their requests over their summed wall time."""
+    return summarise(a["records"] + b["records"], a["wall_s"] + b["wall_s"])
+
+
 def run_baseline(model_dir: Path, prompts: list[list[int]], args) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -226,6 +233,8 @@ def run_baseline(model_dir: Path, prompts: list[list[int]], args) -> dict:
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # warm-up, like the server's: first-call costs stay out of the figures
+        model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False)
     records = []
     t_start = time.perf_counter()
     for i, prompt in enumerate(prompts[: args.baseline_requests]):
@@ -254,7 +263,7 @@ def run_baseline(model_dir: Path, prompts: list[list[int]], args) -> dict:
                 "error": None,
             }
         )
-    return summarise(records, time.perf_counter() - t_start)
+    return {**summarise(records, time.perf_counter() - t_start), "records": records}
 
 
 # ------------------------------------------------------------------ main
@@ -282,6 +291,7 @@ def main() -> None:
     n = max(args.requests_per_client * max(levels), args.baseline_requests)
     prompts = make_prompts(n, args.prompt_tokens, vocab)
 
+    base_before = run_baseline(model_dir, prompts, args)
     proc, url = start_server(model_dir, args, work / "server.log")
     results: dict[str, dict] = {}
     try:
@@ -296,7 +306,12 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    base = run_baseline(model_dir, prompts, args)
+    base_after = run_baseline(model_dir, prompts, args)
+    base = pool(base_before, base_after)
+    print(
+        f"  baseline: {base_before['output_tokens_per_s']:.1f} tok/s before the server, "
+        f"{base_after['output_tokens_per_s']:.1f} after; pooled {base['output_tokens_per_s']:.1f}"
+    )
 
     print()
     print(
@@ -335,6 +350,10 @@ def main() -> None:
             print(f"  {'PASS' if met else 'FAIL'}  {goal}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    base["before_after_tokens_per_s"] = [
+        base_before["output_tokens_per_s"],
+        base_after["output_tokens_per_s"],
+    ]
     report = {"settings": settings, "baseline": base, "server": results, "goals": goals}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
