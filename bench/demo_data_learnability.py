@@ -135,7 +135,7 @@ def main() -> None:
                 train_s=seconds,
             )
         )
-        print(f"done {name}", flush=True)
+        print(f"done {name}: accuracy {acc:.1f}%, answer CE {ce:.3f}", flush=True)
     base = results[0]
     print(f"\n{'run':<12}{'rows':>6}{'unseen facts':>14}{'acc %':>8}{'ratio':>7}{'CE':>7}")
     for r in results:
