@@ -10,7 +10,7 @@ engine at batch 1 and batch 8, engine at batch 8 while streaming text with stop 
 reference only) `model.generate` on the whole left-padded batch at once. Greedy outputs are checked
 against the baseline token for token.
 
-    python bench/generate_speed.py [--new-tokens 64] [--repeats 3] [--threads 2]
+    python bench/generate_speed.py [--new-tokens 64] [--repeats 5] [--threads 2]
 
 Writes bench/results/generate_speed.json.
 """
@@ -85,21 +85,25 @@ def bench_prompts(engine: Engine, convs: list[list[str]]) -> list[list[int]]:
     return prompts
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Best wall time of `repeats` runs after one warm-up run, and the last result."""
-    out = fn()
-    best = float("inf")
+def timed_interleaved(fns: list, repeats: int) -> list[tuple[float, object]]:
+    """Best wall time of each function over `repeats` rounds (after one warm-up round).
+
+    Each round runs every function once, so drift in machine load hits all of them alike.
+    """
+    outs = [fn() for fn in fns]
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return list(zip(best, outs, strict=True))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,10 +158,10 @@ def main() -> None:
         ("Engine.generate + streaming + stop strings", 8, engine_run(8, streaming, stream=True)),
         ("model.generate padded batch (reference)", 8, hf_padded_batch),
     ]
-    rows, reference = [], None
-    for name, batch, fn in runs:
-        seconds, outs = timed(fn, args.repeats)
-        reference = reference if reference is not None else outs
+    rows = []
+    timings = timed_interleaved([fn for _, _, fn in runs], args.repeats)
+    reference = timings[0][1]
+    for (name, batch, _), (seconds, outs) in zip(runs, timings, strict=True):
         tokens = sum(len(o) for o in outs)
         rows.append(
             {
