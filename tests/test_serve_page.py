@@ -73,7 +73,10 @@ def test_chat_page_streams_an_answer_with_tokens_per_second(server, browser, tmp
     browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
     key = browser.find_element(By.ID, "api-key")
     key.send_keys(KEY)
-    browser.find_element(By.ID, "temperature").click()  # leaving the field fires `change`
+    temperature = browser.find_element(By.ID, "temperature")  # leaving the key fires `change`
+    temperature.clear()
+    temperature.send_keys("0")  # greedy: the tiny model's first answer is known to have text
+    browser.find_element(By.ID, "max-tokens").send_keys("24")  # two turns fit in the context
     wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("llama"))
     browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
 
@@ -90,7 +93,9 @@ def test_chat_page_streams_an_answer_with_tokens_per_second(server, browser, tmp
         "How much is the kettle?",
         "Do you ship it to Oslo?",
     ]
-    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2, [
+        (e.get_attribute("class"), e.text) for e in browser.find_elements(By.CSS_SELECTOR, ".msg")
+    ]
     assert (
         browser.execute_script("return JSON.parse(localStorage['chatdistill.history']).length") == 4
     )
