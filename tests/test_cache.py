@@ -95,6 +95,7 @@ def test_sparse_fkl_approaches_the_dense_fkl_as_k_reaches_the_vocabulary(
     assert errors[2] < 1e-3 * exact.item()
 
 
+@pytest.mark.slow
 def test_training_from_a_full_vocabulary_cache_matches_the_live_teacher(
     tmp_path, teacher, full_cache, tokenizer_dir, chat_file
 ):

@@ -88,6 +88,7 @@ def test_processes_draw_different_prompts_for_the_same_step(tmp_path, tiny_model
     assert [e.input_ids for e in rank0] != [e.input_ids for e in rank1]
 
 
+@pytest.mark.slow
 def test_interrupted_on_policy_run_resumed_equals_uninterrupted(
     tmp_path, tiny_models, chat_file, monkeypatch
 ):
