@@ -183,7 +183,8 @@ def test_real_terminal_session_with_tmux(chatty_dir, tmp_path):
     tmux = ["tmux", "-L", session]
     subprocess.run(
         [*tmux, "new-session", "-d", "-s", session, "-x", "200", "-y", "50",
-         f"cd {os.getcwd()} && env {env} {cmd}; echo $? > {done}; sleep 60"],
+         # The pane's shell gets Ctrl-C too: a trap keeps it alive (and the child's default).
+         f"trap : INT; cd {os.getcwd()} && env {env} {cmd}; echo $? > {done}; sleep 60"],
         check=True,
     )  # fmt: skip
 
