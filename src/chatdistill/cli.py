@@ -312,6 +312,40 @@ def _run_chat(args: argparse.Namespace) -> None:
     )
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="distil the bundled teacher into a 4x smaller student and show what it kept",
+        description="The whole job on the bundled data, offline: teacher answers and cache, a KD "
+        "student, two SFT baselines of the same shape, and a side-by-side evaluation. Finished "
+        "stages are reused on a rerun.",
+    )
+    p.add_argument("--output", default="runs/demo", help="where everything is written")
+    p.add_argument(
+        "--labelled-fraction", type=float, default=0.1, help="share of human-answered train rows"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
+    p.add_argument("--eval-samples", type=int, default=200, help="test conversations evaluated")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from chatdistill.demo.run import DemoConfig, run_demo
+
+    if args.steps < 1 or args.eval_samples < 1:
+        raise UserError("--steps and --eval-samples must be at least 1")
+    run_demo(
+        DemoConfig(
+            output=args.output,
+            labelled_fraction=args.labelled_fraction,
+            seed=args.seed,
+            steps=args.steps,
+            eval_samples=args.eval_samples,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatdistill",
@@ -326,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_teacher(sub)
     _add_generate_data(sub)
     _add_chat(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -1,0 +1,226 @@
+"""`chatdistill demo`: the whole promise on the bundled data, offline, on a CPU, in minutes.
+
+The situation it plays: a capable teacher (bundled, trained on all labelled support and small-talk
+rows), plenty of real user questions without answers (the train prompts), and only a small set of
+human-written answers (`labelled_fraction` of the train rows). Stages, each reused on a rerun:
+
+1. data: the labelled subset and the prompt set, written to OUTPUT/data;
+2. teacher answers to every prompt (sequence-level KD data, `generate-data`);
+3. teacher cache: top-k log-probs of the teacher on teacher answers + labelled rows;
+4. the KD student, trained from the cache on CE + KL (the recipe below);
+5. baselines of the same shape and step budget: (a) SFT on the labelled subset only, (b) SFT on
+   all labelled rows the teacher saw;
+6. evaluation of all four on the test split: results.json, summary.md, report.html.
+"""
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaConfig
+
+from chatdistill.data import load_rows
+from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, to_prompts
+from chatdistill.errors import UserError
+
+# 0.23x the teacher's parameters; two layers decode ~4x faster than the teacher's eight.
+STUDENT_SHAPE = dict(
+    hidden_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=3,
+    intermediate_size=576,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+
+
+@dataclass
+class DemoConfig:
+    output: str = "runs/demo"
+    labelled_fraction: float = 0.1
+    """share of the train rows whose human answers the demo may use"""
+    seed: int = 0
+    steps: int = 600
+    """optimizer steps for the KD student and for each baseline (same budget)"""
+    batch_size: int = 32
+    temperature: float = 2.0
+    ce_weight: float = 0.5
+    top_k: int = 32
+    eval_samples: int = 200
+    """test conversations evaluated (from the start of the shuffled test split)"""
+    train_rows: int | None = None
+    """use only the first N train rows (quick runs); None = all"""
+    teacher: str | None = None
+    """teacher model dir sharing the demo tokenizer; None = the bundled one"""
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomic write that leaves an identical file alone (so later stages stay reusable)."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _assets(cfg: DemoConfig) -> Path:
+    assets = demo_asset_dir()
+    needs = ["train.jsonl", "test.jsonl", "validation.jsonl"]
+    if cfg.teacher is None:
+        needs.append("teacher/model.safetensors")
+    elif not (Path(cfg.teacher) / "config.json").is_file():
+        raise UserError(f"teacher {cfg.teacher}: no config.json there")
+    for need in needs:
+        if not (assets / need).is_file():
+            raise UserError(
+                f"bundled demo file missing: {assets / need}; reinstall chatdistill "
+                "(or rebuild it: scripts/build_demo_data.py, scripts/train_demo_teacher.py)"
+            )
+    return assets
+
+
+def prepare_data(cfg: DemoConfig, assets: Path) -> dict[str, Path]:
+    """Write the demo's data files; return their paths."""
+    data = Path(cfg.output) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    train = load_rows(assets / "train.jsonl")[: cfg.train_rows]
+    labelled = labelled_subset(train, cfg.labelled_fraction, cfg.seed)
+    paths = {
+        "labelled": data / "labelled.jsonl",
+        "prompts": data / "prompts.jsonl",
+        "all_labelled": data / "all_labelled.jsonl",
+        "validation": assets / "validation.jsonl",
+        "test": assets / "test.jsonl",
+    }
+    _write_if_changed(paths["labelled"], jsonl_text(labelled))
+    _write_if_changed(paths["prompts"], jsonl_text(to_prompts(train)))
+    _write_if_changed(paths["all_labelled"], jsonl_text(train))
+    return paths
+
+
+def _student_config(out: Path, tokenizer_dir: Path) -> Path:
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **STUDENT_SHAPE,
+    )
+    path = out / "student_config.json"
+    _write_if_changed(path, json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    return path
+
+
+def _done(model_dir: Path) -> bool:
+    return (model_dir / "train_summary.json").is_file() and (
+        model_dir / "model.safetensors"
+    ).exists()
+
+
+def _train(name: str, out: Path, overrides: dict, say) -> Path:
+    """Run one training stage, or reuse/resume it."""
+    from chatdistill.config import load_distill_config
+    from chatdistill.train import train
+
+    model_dir = out / name
+    if _done(model_dir):
+        say(f"[{name}] reusing {model_dir}")
+        return model_dir
+    say(f"[{name}] training")
+    cfg = load_distill_config(None, {**overrides, "output": str(model_dir)})
+    return train(cfg, resume=(model_dir / "checkpoints").is_dir())
+
+
+def _common(cfg: DemoConfig, paths: dict, student_config: Path, teacher: Path) -> dict:
+    return {
+        "student_config": str(student_config),
+        "tokenizer": str(teacher),
+        "data.validation": str(paths["validation"]),
+        "data.max_length": 256,
+        "train.max_steps": cfg.steps,
+        "train.batch_size": cfg.batch_size,
+        "train.lr": 3e-3,
+        "train.weight_decay": 0.01,
+        "train.warmup_steps": 30,
+        "train.min_lr_ratio": 0.05,
+        "train.eval_every": 0,
+        "train.save_every": 100,
+        "train.log_every": 20,
+        "train.seed": cfg.seed,
+    }
+
+
+def run_demo(cfg: DemoConfig, say=print) -> dict:
+    """Run every stage (reusing finished ones); return the evaluation results."""
+    try:
+        return _run(cfg, say)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(
+                f"disk full while writing under {cfg.output}; free some space and rerun "
+                "`make demo`: finished stages are kept and the rest continues"
+            ) from None
+        raise
+
+
+def _run(cfg: DemoConfig, say) -> dict:
+    from chatdistill.cache import write_cache
+    from chatdistill.evaluate import EvalConfig, evaluate
+    from chatdistill.rollout import generate_data
+
+    assets = _assets(cfg)
+    teacher = Path(cfg.teacher) if cfg.teacher else assets / "teacher"
+    out = Path(cfg.output)
+    paths = prepare_data(cfg, assets)
+    n_labelled = sum(1 for _ in paths["labelled"].open())
+    say(f"[data] {n_labelled} labelled conversations ({cfg.labelled_fraction:.0%}), prompts: all")
+
+    answers = out / "data" / "teacher_answers.jsonl"
+    say("[teacher answers] the teacher answers every prompt (greedy)")
+    generate_data(str(teacher), str(paths["prompts"]), str(answers), max_new_tokens=48,
+                  batch_size=32, seed=cfg.seed)  # fmt: skip
+    kd_data = out / "data" / "kd_train.jsonl"
+    kd_rows = load_rows(answers) + load_rows(paths["labelled"])
+    _write_if_changed(kd_data, jsonl_text(kd_rows))
+
+    cache = out / "teacher_cache"
+    say(f"[teacher cache] top-{cfg.top_k} log-probs at temperature {cfg.temperature}")
+    write_cache(str(teacher), str(kd_data), str(cache), top_k=cfg.top_k,
+                temperature=cfg.temperature, max_length=256, batch_size=32)  # fmt: skip
+
+    student_config = _student_config(out, teacher)
+    common = _common(cfg, paths, student_config, teacher)
+    kd = _train("kd_student", out, {
+        **common, "teacher_cache": str(cache), "data.train": str(kd_data), "loss.kind": "fkl",
+        "loss.temperature": cfg.temperature, "loss.ce_weight": cfg.ce_weight,
+    }, say)  # fmt: skip
+    sft_small = _train("baseline_sft_labelled",
+                       out, {**common, "data.train": str(paths["labelled"]), "loss.kind": "sft"},
+                       say)  # fmt: skip
+    sft_all = _train("baseline_sft_all",
+                     out, {**common, "data.train": str(paths["all_labelled"]), "loss.kind": "sft"},
+                     say)  # fmt: skip
+
+    say("[eval] teacher, KD student and both baselines on the test split")
+    results = evaluate(
+        EvalConfig(
+            teacher=str(teacher),
+            students=[str(kd), str(sft_small), str(sft_all)],
+            data=str(paths["test"]),
+            output=str(out),
+            max_samples=cfg.eval_samples,
+            max_new_tokens=48,
+            batch_size=32,
+            max_length=256,
+        )
+    )
+    say(
+        f"\nreport: {out / 'report.html'}\n"
+        f"chat with the student:  chatdistill chat {kd}\n"
+        f"serve it (OpenAI API + web page):  chatdistill serve {kd}"
+    )
+    return results
