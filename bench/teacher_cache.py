@@ -1,0 +1,310 @@
+"""Training from the teacher cache vs with the live teacher: speed, bytes per token, quality.
+
+A Llama-shaped teacher (8 layers, 256 wide, tied 4k-vocab embeddings) is first trained briefly
+with SFT on synthetic support chats (answers follow a fact table of 80 products) and its logits are
+scaled by --sharpen (the same teacher at temperature 1/sharpen), so its distribution is peaked and
+structured like a trained chat model's; it is then distilled into a fresh student about 4x
+smaller (6 layers, 128 wide) twice with forward KL: once with the live teacher (the baseline)
+and once from a k=64 cache.
+Reported: training tokens/s of each (median step), the cache's bytes per cached token, the cache
+writing cost, and the held-out KL(teacher || student) on the full vocabulary of both students,
+plus the effect of storing log-probs in float16 rather than float32.
+
+    python bench/teacher_cache.py [--threads 2] [--steps 60] [--top-k 64]
+
+Writes bench/results/teacher_cache.json.
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from chatdistill.cache import write_cache
+from chatdistill.config import load_distill_config
+from chatdistill.data import build_dataset, collate, load_rows
+from chatdistill.losses import SparseLogprobs, per_token_divergence, reduce_step
+from chatdistill.models import count_parameters
+from chatdistill.setup import prepare
+from chatdistill.teacher import loss_positions
+from chatdistill.tokenizer import train_bpe_tokenizer
+from chatdistill.train import train
+
+VOCAB = 4096
+MAX_LEN = 256
+TEACHER = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, intermediate_size=768)
+STUDENT = dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=384)
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    syll = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    out: set[str] = set()
+    while len(out) < n:
+        out.add("".join(rng.choice(syll) for _ in range(rng.randint(2, 3))))
+    return sorted(out)
+
+
+def catalogue_words() -> list[str]:
+    return _words(random.Random(0), 5000)
+
+
+def make_chats(n: int, seed: int) -> list[dict]:
+    """Support chats about products whose facts come from one fixed table (learnable structure)."""
+    rng = random.Random(0)
+    words = catalogue_words()
+    products = {w: (rng.choice(words), rng.randint(5, 500), rng.choice(words)) for w in words[:80]}
+    names = sorted(products)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": "You answer questions about the catalogue."}]
+        while True:
+            p = rng.choice(names)
+            colour, price, town = products[p]
+            msgs.append({"role": "user", "content": f"Tell me about the {p}, please."})
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": f"The {p} is {colour}. It costs {price} crowns and ships from "
+                    f"{town}. Anything else about the {p}?",
+                }
+            )
+            if sum(len(m["content"]) for m in msgs) > 600:
+                break
+        rows.append({"messages": msgs})
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _model_dir(out: Path, tok, shape: dict) -> Path:
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        num_key_value_heads=shape["num_attention_heads"] // 2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **shape,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _recipe(out: Path, **over):
+    base = {
+        "output": str(out),
+        "data.max_length": MAX_LEN,
+        "loss.kind": "fkl",
+        "train.batch_size": 8,
+        "train.lr": 2e-3,
+        "train.warmup_steps": 5,
+        "train.eval_every": 0,
+        "train.save_every": 0,
+        "train.log_every": 1,
+        "data.val_fraction": 0.0,
+    }
+    return load_distill_config(None, {**base, **over})
+
+
+def _distill(out: Path, **over) -> tuple[Path, float]:
+    """Train; return the output dir and the median training tokens/s (first step excluded)."""
+    started = time.perf_counter()
+    train(_recipe(out, **over))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r][1:]
+    print(f"  {out.name}: {time.perf_counter() - started:.0f}s")
+    return out, statistics.median(rates)
+
+
+def interleaved_rates(recipes: dict[str, dict], work: Path, steps: int) -> dict[str, float]:
+    """Median tokens/s of one optimizer step (teacher targets, student forward and backward, AdamW)
+    per recipe. The recipes take turns step by step on the same batches, so other load on the
+    machine slows them alike and the ratio stays fair."""
+    setups = {k: prepare(_recipe(work / k, **r), Accelerator(cpu=True)) for k, r in recipes.items()}
+    examples = next(iter(setups.values())).train_data.examples
+    times: dict[str, list[float]] = {k: [] for k in setups}  # tokens/s per step
+    for i in range(steps + 1):
+        chunk = [examples[(i * 8 + j) % len(examples)] for j in range(8)]
+        for name, s in setups.items():
+            batch = collate(chunk, s.pad_id)
+            started = time.perf_counter()
+            targets = s.teacher.targets(batch, chunk)
+            ce, kd = s.loss_module(
+                batch["input_ids"], batch["attention_mask"], batch["labels"], targets
+            )
+            n = int(loss_positions(batch["labels"]).sum())
+            s.accelerator.backward(reduce_step(ce, kd, s.ce_weight, n))
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            tokens = int(batch["attention_mask"].sum())
+            times[name].append(tokens / (time.perf_counter() - started))
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+@torch.no_grad()
+def heldout_kl(teacher_dir: Path, student_dir: Path, data: Path, k: int) -> dict[str, float]:
+    """Full-vocab KL(teacher || student) per held-out loss position, and the top-k estimates."""
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    ds = build_dataset(load_rows(data), tok, MAX_LEN, str(data))
+    sums = {"dense": 0.0, "topk_fp32": 0.0, "topk_fp16": 0.0, "teacher_topk_mass": 0.0}
+    n = 0
+    for i in range(0, len(ds.examples), 16):
+        batch = collate(ds.examples[i : i + 16], tok.pad_token_id)
+        sel = loss_positions(batch["labels"])
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        t = teacher(**kw).logits[:, :-1][sel][:, : len(tok)]
+        s = student(**kw).logits[:, :-1][sel][:, : len(tok)]
+        top = torch.log_softmax(t.float(), -1).topk(k, -1)
+        sums["dense"] += per_token_divergence(s, t, "fkl").sum().item()
+        sums["teacher_topk_mass"] += top.values.exp().sum().item()
+        for name, lp in (("topk_fp32", top.values), ("topk_fp16", top.values.half().float())):
+            sparse = SparseLogprobs(top.indices, lp)
+            sums[name] += per_token_divergence(s, sparse, "fkl").sum().item()
+        n += int(sel.sum())
+    return {key: v / n for key, v in sums.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=60, help="student optimizer steps per run")
+    ap.add_argument("--teacher-steps", type=int, default=40, help="teacher SFT steps")
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--speed-steps", type=int, default=12, help="timed steps per mode")
+    ap.add_argument("--sharpen", type=float, default=2.0, help="teacher logit scale after SFT")
+    ap.add_argument("--train-rows", type=int, default=600)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = Path(tempfile.mkdtemp(prefix="bench-teacher-cache-"))
+    rows = make_chats(args.train_rows + 64, seed=1)
+    train_file = _write(work / "train.jsonl", rows[: args.train_rows])
+    val_file = _write(work / "val.jsonl", rows[args.train_rows :])
+    # The whole catalogue is in the tokenizer's corpus so that the vocabulary reaches 4k tokens.
+    texts = [m["content"] for r in rows for m in r["messages"]] + catalogue_words()
+    tok = train_bpe_tokenizer(texts * 2, vocab_size=VOCAB)
+    print(f"work dir {work}; tokenizer {len(tok)} tokens")
+
+    fresh = _model_dir(work / "teacher-init", tok, TEACHER)
+    teacher, _ = _distill(
+        work / "teacher",
+        student=str(fresh),
+        **{
+            "loss.kind": "sft",
+            "train.max_steps": args.teacher_steps,
+            "train.lr": 3e-3,
+            "data.train": str(train_file),
+        },
+    )
+    if args.sharpen != 1.0:
+        # Scaling the final norm scales the logits: the same teacher at temperature 1/sharpen.
+        model = AutoModelForCausalLM.from_pretrained(teacher)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(args.sharpen)
+        model.save_pretrained(teacher)
+    student_cfg = _model_dir(work / "student-init", tok, STUDENT)
+    t_params = count_parameters(AutoModelForCausalLM.from_pretrained(teacher))
+    s_params = count_parameters(AutoModelForCausalLM.from_pretrained(student_cfg))
+
+    started = time.perf_counter()
+    meta = write_cache(
+        str(teacher), str(train_file), str(work / "cache"), top_k=args.top_k, max_length=MAX_LEN
+    )
+    cache_s = time.perf_counter() - started
+    positions = sum(s["positions"] for s in meta["shards"])
+    cache_bytes = sum((work / "cache" / s["file"]).stat().st_size for s in meta["shards"])
+
+    common = {
+        "student": str(student_cfg),
+        "data.train": str(train_file),
+        "train.max_steps": args.steps,
+    }
+    live, cache = {"teacher": str(teacher)}, {"teacher_cache": str(work / "cache")}
+    rates = interleaved_rates(
+        {"live": {**common, **live}, "cache": {**common, **cache}}, work, args.speed_steps
+    )
+    live_tps, cached_tps = rates["live"], rates["cache"]
+    live_dir, live_loop_tps = _distill(work / "live", **common, **live)
+    cached_dir, cached_loop_tps = _distill(work / "cached", **common, **cache)
+    kl_live = heldout_kl(teacher, live_dir, val_file, args.top_k)
+    kl_cached = heldout_kl(teacher, cached_dir, val_file, args.top_k)
+    kl_init = heldout_kl(teacher, student_cfg, val_file, args.top_k)
+
+    result = {
+        "settings": {**vars(args), "vocab": len(tok), "max_length": MAX_LEN},
+        "teacher_params": t_params,
+        "student_params": s_params,
+        "params_ratio": t_params / s_params,
+        "train_tokens_per_s": {"live": live_tps, "cache": cached_tps},
+        "speedup": cached_tps / live_tps,
+        "train_loop_tokens_per_s": {"live": live_loop_tps, "cache": cached_loop_tps},
+        "cache": {
+            "seconds": cache_s,
+            "tokens": meta["tokens"],
+            "loss_positions": positions,
+            "bytes": cache_bytes,
+            "bytes_per_cached_token": cache_bytes / positions,
+            "bytes_per_input_token": cache_bytes / meta["tokens"],
+            "write_tokens_per_s": meta["tokens"] / cache_s,
+        },
+        "heldout_kl": {"untrained": kl_init, "live": kl_live, "cache": kl_cached},
+        "kl_ratio_cache_vs_live": kl_cached["dense"] / kl_live["dense"],
+        "fp16_vs_fp32_topk_kl_rel_diff": abs(kl_cached["topk_fp16"] - kl_cached["topk_fp32"])
+        / kl_cached["topk_fp32"],
+    }
+    print()
+    print(
+        f"teacher {t_params / 1e6:.1f}M params, student {s_params / 1e6:.1f}M (ratio "
+        f"{result['params_ratio']:.1f}x)"
+    )
+    print(f"{'run':<28}{'train tok/s':>12}{'ratio':>8}{'held-out KL':>13}{'ratio':>8}")
+    print(
+        f"{'live teacher (baseline)':<28}{live_tps:>12.0f}{1.0:>8.2f}"
+        f"{kl_live['dense']:>13.4f}{1.0:>8.3f}"
+    )
+    print(
+        f"{f'cache k={args.top_k}':<28}{cached_tps:>12.0f}{result['speedup']:>8.2f}"
+        f"{kl_cached['dense']:>13.4f}{result['kl_ratio_cache_vs_live']:>8.3f}"
+    )
+    print(f"{'untrained student':<28}{'':>12}{'':>8}{kl_init['dense']:>13.4f}")
+    print(
+        f"teacher's top-{args.top_k} mass on held-out positions: "
+        f"{kl_live['teacher_topk_mass']:.3f}; whole training runs: live "
+        f"{live_loop_tps:.0f} tok/s, cache {cached_loop_tps:.0f} tok/s (median step)"
+    )
+    c = result["cache"]
+    print(
+        f"cache: {c['bytes_per_cached_token']:.0f} bytes per cached token "
+        f"({c['bytes_per_input_token']:.0f} per input token), written at "
+        f"{c['write_tokens_per_s']:.0f} tok/s in {c['seconds']:.0f}s"
+    )
+    print(
+        f"float16 vs float32 log-probs: top-k KL differs by "
+        f"{result['fp16_vs_fp32_topk_kl_rel_diff']:.2e} (relative)"
+    )
+    out = Path(__file__).parent / "results" / "teacher_cache.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
