@@ -2,8 +2,10 @@
 
 One fixed run is trained twice (three times with --trl-checkpointing): a Llama-shaped teacher
 (8 layers, 512 wide) distilled into a Llama-shaped student (4 layers, 256 wide), both random init,
-on synthetic single-turn chats of 192-256 tokens, with the same loss (generalised JSD, beta 0.5,
-temperature 1), batch size, max length, fp32 on CPU and number of optimizer steps:
+on synthetic single-turn chats of about 170-256 tokens (each answer cut at a sentence end below a
+random target in 192-256, so neither trainer truncates), with the same loss (generalised JSD, beta
+0.5, temperature 1, on the answer tokens), batch size, max length, fp32 on CPU and number of
+optimizer steps:
 
   ours  `chatdistill.train.train(cfg)`: logits only at loss-carrying positions, a chunk at a time
   trl   `trl.experimental.gkd.GKDTrainer` with lmbda=0 (off-policy, no generation), seq_kd=False,
