@@ -77,6 +77,9 @@ def main() -> None:
     for name in KEEP:
         if (out / name).is_file():
             shutil.copy2(out / name, dest / name)
+    recipe = dest / "chatdistill_config.yaml"
+    # Name the bundled files relative to the package, not to this machine.
+    recipe.write_text(recipe.read_text().replace(str(assets), "chatdistill/assets/demo"))
     print(f"teacher copied to {dest}")
 
 

@@ -1,0 +1,56 @@
+"""`chatdistill demo` end to end on a slice of the bundled data with a tiny teacher."""
+
+import json
+
+import pytest
+
+from chatdistill.demo.data import demo_asset_dir
+from chatdistill.demo.run import DemoConfig, run_demo
+from chatdistill.errors import UserError
+from conftest import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_teacher")
+    return build_tiny_model(out, demo_asset_dir() / "tokenizer", "llama")
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
+    cfg = DemoConfig(
+        output=str(tmp_path / "demo"), teacher=str(tiny_teacher), train_rows=60, steps=3,
+        batch_size=8, eval_samples=6, labelled_fraction=0.2,
+    )  # fmt: skip
+    lines: list[str] = []
+    results = run_demo(cfg, say=lines.append)
+    out = tmp_path / "demo"
+    names = [m["role"] for m in results["models"]]
+    assert names.count("teacher") == 1 and names.count("student") == 3
+    for d in ("kd_student", "baseline_sft_labelled", "baseline_sft_all"):
+        assert (out / d / "model.safetensors").is_file()
+    assert (out / "report.html").is_file() and (out / "results.json").is_file()
+    labelled = (out / "data" / "labelled.jsonl").read_text().splitlines()
+    assert len(labelled) == 12
+    assert any("chatdistill serve" in line for line in lines)
+    kd_cfg = (out / "kd_student" / "chatdistill_config.yaml").read_text()
+    assert "teacher_cache" in kd_cfg and "ce_weight: 0.5" in kd_cfg
+
+    before = json.loads((out / "results.json").read_text())
+    lines.clear()
+    run_demo(cfg, say=lines.append)
+    assert sum("reusing" in line for line in lines) == 3
+    after = json.loads((out / "results.json").read_text())
+    assert [m["quality"]["ce"] for m in after["models"]] == [
+        m["quality"]["ce"] for m in before["models"]
+    ]
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        run_demo(DemoConfig(output=str(tmp_path), teacher=str(tmp_path / "none")))
+
+
+def test_bad_labelled_fraction(tmp_path, tiny_teacher):
+    with pytest.raises(UserError, match="outside"):
+        run_demo(DemoConfig(output=str(tmp_path), teacher=str(tiny_teacher), labelled_fraction=0))
