@@ -5,7 +5,7 @@ split, with the demo tokenizer. The result is copied into `src/chatdistill/asset
 (safetensors, tokenizer, chat template, the recipe and its metrics), which `chatdistill demo`
 uses. Deterministic for a seed on the same machine and torch version.
 
-    python scripts/train_demo_teacher.py [--steps 350] [--seed 0] [--work runs/demo-teacher]
+    python scripts/train_demo_teacher.py [--steps 1000] [--seed 0] [--work runs/demo-teacher]
 """
 
 import argparse
@@ -35,7 +35,7 @@ KEEP = ("config.json", "generation_config.json", "model.safetensors", "tokenizer
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=350)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/demo-teacher")
     args = ap.parse_args()

@@ -17,7 +17,6 @@ resumes at the first incomplete shard and never reads half a file.
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from chatdistill.models import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
+from chatdistill.progress import RateBar
 from chatdistill.teacher import loss_positions
 
 FORMAT = "chatdistill-teacher-cache"
@@ -402,7 +402,7 @@ def write_cache(
     base, head = hidden_and_head(model)
     pending = [s for s in meta["shards"] if s["file"] not in meta["completed"]]
     total = sum(len(ex.input_ids) for s in pending for ex in examples[s["start"] : s["end"]])
-    bar = _Progress(total, enabled=progress)
+    bar = RateBar("teacher cache tokens", total, enabled=progress)
     try:
         for shard in pending:
             exs = examples[shard["start"] : shard["end"]]
@@ -428,7 +428,8 @@ def _shard_arrays(exs, base, head, tokenizer, vocab, meta, batch_size, device, b
         counts = loss_positions(batch["labels"]).sum(1).tolist()
         for i, a, n in zip(idx, np.cumsum([0] + counts[:-1]), counts, strict=True):
             got[i] = (ids[a : a + n], lps[a : a + n])
-        bar.advance(sum(len(ex.input_ids) for ex in chunk))
+        n_tokens = sum(len(ex.input_ids) for ex in chunk)
+        bar.advance(n_tokens, n_tokens)
     sizes = [len(g[0]) for g in got]
     return {
         "keys": np.frombuffer(b"".join(example_key(ex) for ex in exs), np.uint8).reshape(-1, 16),
@@ -436,34 +437,3 @@ def _shard_arrays(exs, base, head, tokenizer, vocab, meta, batch_size, device, b
         "ids": torch.cat([g[0] for g in got]).numpy().astype(id_dtype(vocab)),
         "logprobs": torch.cat([g[1] for g in got]).numpy().astype(np.float16),
     }
-
-
-class _Progress:
-    """Rich progress bar over teacher tokens, with tokens/s and ETA."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.enabled = enabled and total > 0
-        if not self.enabled:
-            return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]teacher cache"),
-            BarColumn(),
-            TextColumn("{task.completed:,}/{task.total:,} tokens  {task.fields[rate]}"),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        )
-        self.task = self.bar.add_task("cache", total=total, rate="")
-        self.start, self.done = time.perf_counter(), 0
-        self.bar.start()
-
-    def advance(self, tokens: int) -> None:
-        if self.enabled:
-            self.done += tokens
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.update(self.task, advance=tokens, rate=f"{rate:,.0f} tok/s")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()

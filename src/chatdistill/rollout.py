@@ -26,6 +26,7 @@ from chatdistill.data import (
 )
 from chatdistill.errors import UserError
 from chatdistill.generate import Engine, SamplingParams
+from chatdistill.progress import RateBar
 
 
 def _rng(*parts: object) -> random.Random:
@@ -205,7 +206,7 @@ def generate_data(
                 f"context ({engine.context_length}); shorten or drop it"
             )
     summary = {"rows": done, "truncated": 0, "new_tokens": 0, "seconds": 0.0}
-    bar = _Bar(len(jobs), progress)
+    bar = RateBar("teacher answers", len(jobs), progress)
     started = time.perf_counter()
     with out.open("a", encoding="utf-8") as f:
         step = batch_size * 4
@@ -226,36 +227,8 @@ def generate_data(
             f.flush()
             os.fsync(f.fileno())
             summary["rows"] += len(part)
-            bar.advance(len(part), summary["new_tokens"] / (time.perf_counter() - started))
+            bar.advance(len(part), sum(len(c.token_ids) for c in results))
     bar.close()
     summary["seconds"] = time.perf_counter() - started
     summary["tokens_per_s"] = summary["new_tokens"] / max(summary["seconds"], 1e-9)
     return summary
-
-
-class _Bar:
-    """Rich progress bar over answers, with generated tokens/s and ETA."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled = enabled and total > 0
-        if not self.enabled:
-            return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]teacher answers {task.completed}/{task.total}"),
-            BarColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        )
-        self.task = self.bar.add_task("generate", total=total, rate="")
-        self.bar.start()
-
-    def advance(self, n: int, rate: float) -> None:
-        if self.enabled:
-            self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} tok/s")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()

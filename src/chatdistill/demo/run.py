@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, LlamaConfig
 
-from chatdistill.data import load_rows
+from chatdistill.data import load_rows, render_prompt
 from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, to_prompts
 from chatdistill.errors import UserError
 
@@ -82,11 +82,23 @@ def _assets(cfg: DemoConfig) -> Path:
     return assets
 
 
-def prepare_data(cfg: DemoConfig, assets: Path) -> dict[str, Path]:
+MAX_LENGTH = 256
+ANSWER_TOKENS = 48
+
+
+def _fits(tokenizer, row: dict) -> bool:
+    """The conversation, and its prompt plus an answer budget, fit in MAX_LENGTH tokens."""
+    prompt = render_prompt(tokenizer, to_prompts([row])[0]["messages"])
+    full = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
+    return len(prompt) + ANSWER_TOKENS <= MAX_LENGTH and len(full) <= MAX_LENGTH
+
+
+def prepare_data(cfg: DemoConfig, assets: Path, tokenizer) -> dict[str, Path]:
     """Write the demo's data files; return their paths."""
     data = Path(cfg.output) / "data"
     data.mkdir(parents=True, exist_ok=True)
-    train = load_rows(assets / "train.jsonl")[: cfg.train_rows]
+    rows = load_rows(assets / "train.jsonl")[: cfg.train_rows]
+    train = [r for r in rows if _fits(tokenizer, r)]
     labelled = labelled_subset(train, cfg.labelled_fraction, cfg.seed)
     paths = {
         "labelled": data / "labelled.jsonl",
@@ -140,7 +152,7 @@ def _common(cfg: DemoConfig, paths: dict, student_config: Path, teacher: Path) -
         "student_config": str(student_config),
         "tokenizer": str(teacher),
         "data.validation": str(paths["validation"]),
-        "data.max_length": 256,
+        "data.max_length": MAX_LENGTH,
         "train.max_steps": cfg.steps,
         "train.batch_size": cfg.batch_size,
         "train.lr": 3e-3,
@@ -175,13 +187,17 @@ def _run(cfg: DemoConfig, say) -> dict:
     assets = _assets(cfg)
     teacher = Path(cfg.teacher) if cfg.teacher else assets / "teacher"
     out = Path(cfg.output)
-    paths = prepare_data(cfg, assets)
+    paths = prepare_data(cfg, assets, AutoTokenizer.from_pretrained(teacher))
     n_labelled = sum(1 for _ in paths["labelled"].open())
-    say(f"[data] {n_labelled} labelled conversations ({cfg.labelled_fraction:.0%}), prompts: all")
+    n_prompts = sum(1 for _ in paths["prompts"].open())
+    say(
+        f"[data] {n_prompts} prompts; {n_labelled} of them with human answers "
+        f"({cfg.labelled_fraction:.0%}); conversations over {MAX_LENGTH} tokens left out"
+    )
 
     answers = out / "data" / "teacher_answers.jsonl"
     say("[teacher answers] the teacher answers every prompt (greedy)")
-    generate_data(str(teacher), str(paths["prompts"]), str(answers), max_new_tokens=48,
+    generate_data(str(teacher), str(paths["prompts"]), str(answers), max_new_tokens=ANSWER_TOKENS,
                   batch_size=32, seed=cfg.seed)  # fmt: skip
     kd_data = out / "data" / "kd_train.jsonl"
     kd_rows = load_rows(answers) + load_rows(paths["labelled"])
@@ -190,7 +206,7 @@ def _run(cfg: DemoConfig, say) -> dict:
     cache = out / "teacher_cache"
     say(f"[teacher cache] top-{cfg.top_k} log-probs at temperature {cfg.temperature}")
     write_cache(str(teacher), str(kd_data), str(cache), top_k=cfg.top_k,
-                temperature=cfg.temperature, max_length=256, batch_size=32)  # fmt: skip
+                temperature=cfg.temperature, max_length=MAX_LENGTH, batch_size=32)  # fmt: skip
 
     student_config = _student_config(out, teacher)
     common = _common(cfg, paths, student_config, teacher)
@@ -213,9 +229,9 @@ def _run(cfg: DemoConfig, say) -> dict:
             data=str(paths["test"]),
             output=str(out),
             max_samples=cfg.eval_samples,
-            max_new_tokens=48,
+            max_new_tokens=ANSWER_TOKENS,
             batch_size=32,
-            max_length=256,
+            max_length=MAX_LENGTH,
         )
     )
     say(
