@@ -6,11 +6,16 @@ finished and is ignored, so a crash mid-write can never be resumed from.
 """
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 STATE = "trainer_state.json"
+
+# accelerate warns on every save that tied weights (lm_head = embeddings) are stored once; loading
+# restores the tie, so the warning is noise in a run log.
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def checkpoint_root(output: Path) -> Path:
