@@ -7,6 +7,7 @@ import pytest
 from chatdistill.demo.data import demo_asset_dir
 from chatdistill.demo.run import DemoConfig, run_demo
 from chatdistill.errors import UserError
+
 from conftest import build_tiny_model
 
 
