@@ -125,12 +125,13 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
         while state["step"] < t.max_steps:
             started = time.perf_counter()
             on_policy = sampler is not None and sampler.is_on_policy(state["step"])
+            position = {}  # the data position after this step, recorded once it is applied
             if on_policy:  # the student's own answers to training prompts replace the data
                 mine = sampler.micro_batches(state["step"], rank, world, t.grad_accum)
             else:
                 drawn = [next(batches) for _ in range(t.grad_accum * world)]
                 epoch, b, _ = drawn[-1]
-                state.update(epoch=epoch, next_batch=b + 1)
+                position = {"epoch": epoch, "next_batch": b + 1}
                 mine = [
                     (ex, {k: v.to(acc.device) for k, v in collate(ex, s.pad_id).items()})
                     for _, _, ex in drawn[rank::world]
@@ -157,7 +158,7 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
             s.optimizer.step()
             s.scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
+            state.update(position, step=state["step"] + 1)
             real = sum(int(batch["attention_mask"].sum()) for _, batch in mine)
             slots = sum(batch["attention_mask"].numel() for _, batch in mine)
             state.update(tokens=state["tokens"] + real, pad=state["pad"] + slots - real)
