@@ -140,6 +140,8 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, _Reader]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=ENV,
+        # A shell's background jobs start with SIGINT ignored; a terminal user's chat never does.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     return proc, _Reader(proc.stdout)
 
