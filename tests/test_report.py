@@ -1,10 +1,9 @@
 import base64
 import json
 import re
-import shutil
-import tempfile
 
 import pytest
+from browser import CHROMIUM, DRIVER, MISSING, headless_chromium
 
 from chatdistill.report import (
     print_tables,
@@ -177,39 +176,14 @@ def test_model_card_python_snippet_loads_and_chats(tmp_path, tokenizer_dir, caps
     assert capsys.readouterr().out.endswith("\n")  # the snippet ran to its final print
 
 
-CHROME_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1300,1000",
-]
-
-
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(results, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip(
-            "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    if not CHROMIUM or not DRIVER:
+        pytest.skip(MISSING)
     from selenium.webdriver.common.by import By
 
     page = write_reports(results, tmp_path / "out")["report"]
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in CHROME_FLAGS:
-        opts.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    opts.add_argument(f"--user-data-dir={profile}")
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    driver = headless_chromium(tmp_path)
     try:
         driver.get(page.as_uri())
         assert driver.title == "chatdistill evaluation report"
@@ -229,4 +203,3 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)

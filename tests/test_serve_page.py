@@ -1,21 +1,15 @@
 """The web chat page in a real headless Chromium against a real server: enter the API key, send a
 message, watch the streamed answer and its tokens/s appear, keep the conversation, reset it."""
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
+from browser import CHROMIUM, DRIVER, MISSING, headless_chromium
 from serve_helpers import running_server
 
 KEY = "page-key"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or DRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-)
+pytestmark = pytest.mark.skipif(CHROMIUM is None or DRIVER is None, reason=MISSING)
 
 
 @pytest.fixture(scope="module")
@@ -27,26 +21,7 @@ def server(tiny_models, tmp_path_factory):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in [
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1000,760",
-        f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path, prefix='chromium-')}",
-    ]:
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    driver.set_page_load_timeout(60)
+    driver = headless_chromium(tmp_path, window="1000,760")
     try:
         yield driver
     finally:
