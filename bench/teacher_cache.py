@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from chatdistill.cache import write_cache
 from chatdistill.config import load_distill_config
 from chatdistill.data import build_dataset, collate, load_rows
-from chatdistill.losses import SparseLogprobs, per_token_divergence, reduce_step
+from chatdistill.losses import SparseLogprobs, per_token_divergence, step_weights
 from chatdistill.models import count_parameters
 from chatdistill.setup import prepare
 from chatdistill.teacher import loss_positions
@@ -145,11 +145,15 @@ def interleaved_rates(recipes: dict[str, dict], work: Path, steps: int) -> dict[
             batch = collate(chunk, s.pad_id)
             started = time.perf_counter()
             targets = s.teacher.targets(batch, chunk)
-            ce, kd = s.loss_module(
-                batch["input_ids"], batch["attention_mask"], batch["labels"], targets
-            )
             n = int(loss_positions(batch["labels"]).sum())
-            s.accelerator.backward(reduce_step(ce, kd, s.ce_weight, n))
+            loss, _, _ = s.loss_module(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                targets,
+                step_weights(s.ce_weight, n),
+            )
+            s.accelerator.backward(loss)
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             tokens = int(batch["attention_mask"].sum())

@@ -5,10 +5,10 @@ import torch.nn.functional as F
 from chatdistill.losses import (
     DIVERGENCES,
     SparseLogprobs,
-    chunked_loss_sums,
+    chunked_loss,
     divergence_from_logprobs,
     per_token_divergence,
-    reduce_step,
+    step_weights,
 )
 
 torch.manual_seed(0)
@@ -116,36 +116,76 @@ def test_sparse_fkl_approaches_dense_as_k_grows():
     assert errors[-1] < 1e-4
 
 
-def _chunked(h, head, targets, t_logits, chunk):
-    return chunked_loss_sums(h, head, targets, lambda s: t_logits[s], "fkl", chunk_size=chunk)
+def _chunked(h, head, targets, t_logits, chunk, fused=False, weights=(1.0, 1.0)):
+    return chunked_loss(
+        h,
+        head,
+        targets,
+        lambda s: t_logits[s],
+        "fkl",
+        weights=weights,
+        head_params=list(head.parameters()) if fused else None,
+        chunk_size=chunk,
+    )
 
 
-def test_chunked_equals_unchunked_values_and_gradients():
-    head = torch.nn.Linear(H, V, bias=False)
+@pytest.mark.parametrize("fused", [False, True], ids=["checkpointed", "fused"])
+def test_chunked_equals_unchunked_values_and_gradients(fused):
+    """Any chunking, checkpointed or with gradients taken in the forward pass, gives the plain
+    (unchunked autograd) loss and the same gradients for the hidden states and the head."""
+    head = torch.nn.Linear(H, V, bias=True)
     h = torch.randn(N, H, requires_grad=True)
     targets = torch.randint(0, V, (N,))
     t_logits = torch.randn(N, V)
-    grads = []
-    sums = []
-    for chunk in (N, 5, 1):
-        h.grad = None
-        ce, kd = _chunked(h, head, targets, t_logits, chunk)
-        (ce + kd).backward()
-        grads.append(h.grad.clone())
-        sums.append(torch.stack([ce, kd]).detach())
-    for g, v in zip(grads[1:], sums[1:]):
-        torch.testing.assert_close(g, grads[0])
-        torch.testing.assert_close(v, sums[0])
+    w = (0.3, 0.7)
     ref_ce = F.cross_entropy(head(h), targets, reduction="sum")
-    torch.testing.assert_close(sums[0][0], ref_ce.detach())
+    ref_kd = per_token_divergence(head(h), t_logits, "fkl").sum()
+    ref = w[0] * ref_ce + w[1] * ref_kd
+    ref_grads = torch.autograd.grad(ref, [h, head.weight, head.bias])
+    for chunk in (N, 5, 1):
+        h.grad = head.weight.grad = head.bias.grad = None
+        loss, ce, kd = _chunked(h, head, targets, t_logits, chunk, fused, w)
+        (2 * loss).backward()  # the upstream gradient scales the stored ones
+        torch.testing.assert_close(torch.stack([loss, ce, kd]), torch.stack([ref, ref_ce, ref_kd]))
+        for got, want in zip([h.grad, head.weight.grad, head.bias.grad], ref_grads, strict=True):
+            torch.testing.assert_close(got, 2 * want)
+
+
+def test_fused_loss_reaches_tied_and_frozen_parameters_correctly():
+    """A head tied to an input embedding gets both gradients; a frozen head gets none."""
+    emb = torch.nn.Embedding(V, H)
+    ids = torch.randint(0, V, (N,))
+    targets = torch.randint(0, V, (N,))
+    t_logits = torch.randn(N, V)
+    grads = []
+    for fused in (False, True):
+        emb.weight.grad = None
+        h = torch.tanh(emb(ids))
+        head = lambda x: x @ emb.weight.T  # noqa: E731
+        params = [emb.weight] if fused else None
+        loss, _, _ = chunked_loss(
+            h, head, targets, lambda s: t_logits[s], "jsd", head_params=params, chunk_size=3
+        )
+        loss.backward()
+        grads.append(emb.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+    frozen = torch.nn.Linear(H, V).requires_grad_(False)
+    h = torch.randn(N, H, requires_grad=True)
+    loss, _, _ = _chunked(h, frozen, targets, t_logits, 4, fused=True)
+    loss.backward()
+    assert frozen.weight.grad is None and h.grad is not None
 
 
 def test_no_loss_positions_give_zero_not_nan():
     head = torch.nn.Linear(H, V, bias=False)
-    h = torch.zeros(0, H, requires_grad=True)
-    ce, kd = _chunked(h, head, torch.zeros(0, dtype=torch.long), torch.zeros(0, V), 4)
-    loss = reduce_step(ce, kd, 0.5, 0)
-    assert loss.item() == 0.0 and not torch.isnan(loss)
+    for fused in (False, True):
+        h = torch.zeros(0, H, requires_grad=True)
+        w = step_weights(0.5, 0)
+        loss, _, _ = _chunked(
+            h, head, torch.zeros(0, dtype=torch.long), torch.zeros(0, V), 4, fused, w
+        )
+        loss.backward()
+        assert loss.item() == 0.0 and not torch.isnan(loss)
 
 
 def test_step_reduction_makes_accumulation_invariant():
@@ -154,10 +194,11 @@ def test_step_reduction_makes_accumulation_invariant():
     h = torch.randn(N, H)
     targets = torch.randint(0, V, (N,))
     t_logits = torch.randn(N, V)
-    ce, kd = _chunked(h, head, targets, t_logits, N)
-    whole = reduce_step(ce, kd, 0.3, N)
+    whole, _, _ = _chunked(h, head, targets, t_logits, N, weights=step_weights(0.3, N))
     parts = 0
     for part in (slice(0, 3), slice(3, N)):
-        c, k = _chunked(h[part], head, targets[part], t_logits[part], N)
-        parts = parts + reduce_step(c, k, 0.3, N)
+        loss, _, _ = _chunked(
+            h[part], head, targets[part], t_logits[part], N, weights=step_weights(0.3, N)
+        )
+        parts = parts + loss
     torch.testing.assert_close(parts, whole)

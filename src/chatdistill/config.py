@@ -32,7 +32,9 @@ class LossConfig(_Strict):
     skew: float = Field(0.1, ge=0, le=1, description="skew KL mixing weight (DistiLLM alpha)")
     temperature: float = Field(1.0, gt=0, description="softens both distributions; loss x T^2")
     ce_weight: float = Field(0.0, ge=0, le=1, description="loss = w*CE + (1-w)*divergence")
-    chunk_size: int = Field(1024, ge=1, description="loss positions per chunk (bounds memory)")
+    chunk_size: int | None = Field(
+        None, ge=1, description="loss positions per chunk (bounds memory); default ~8M logits"
+    )
 
 
 class TrainConfig(_Strict):

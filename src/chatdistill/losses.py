@@ -1,14 +1,15 @@
 """Distillation losses as pure functions on logits.
 
 Shapes: N = loss-carrying positions (selected from (B, T)), V = vocabulary, k = cached top-k.
-Every divergence returns one value per position, (N,); `chunked_loss_sums` evaluates them a chunk
-of positions at a time, recomputing logits in the backward pass, so full-vocabulary float32 logits
-for the whole batch never sit in memory; `reduce_step` divides by the tokens of the whole optimizer
-step so gradient accumulation does not change the result.
+Every divergence returns one value per position, (N,); `chunked_loss` evaluates them a chunk of
+positions at a time, taking each chunk's gradient as it goes, so full-vocabulary float32 logits
+for the whole batch never sit in memory; `step_weights` divides by the tokens of the whole
+optimizer step so gradient accumulation does not change the result.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -111,54 +112,104 @@ def per_token_ce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(student_logits.float(), targets, reduction="none")
 
 
-def chunked_loss_sums(
+def step_weights(ce_weight: float, step_tokens: int | float) -> tuple[float, float]:
+    """Weights of the CE and divergence sums in the step loss (w·CE + (1-w)·D) / step tokens,
+    where the tokens are those of the whole optimizer step, so gradient accumulation does not
+    change the result (0 loss when there are none)."""
+    n = max(step_tokens, 1)
+    return ce_weight / n, (1 - ce_weight) / n
+
+
+def chunk_size_for(vocab_size: int, chunk_size: int | None) -> int:
+    """Positions per loss chunk: the configured size, or ~8M logits per chunk (256 at 32k)."""
+    return chunk_size or max(64, 8 * 2**20 // max(vocab_size, 1))
+
+
+class _FusedChunks(torch.autograd.Function):
+    """Chunked loss whose gradient is computed in the forward pass, one chunk at a time.
+
+    Activation checkpointing would run every chunk's head and loss twice (forward, then again in
+    the backward pass); here each chunk's gradient with respect to its hidden states and the
+    head's parameters is taken right away and the chunk's logits are freed. Backward only scales
+    the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, compute, size, *params):
+        grad_h = torch.zeros_like(hidden)
+        grad_p = [torch.zeros_like(p) for p in params]
+        sums = torch.zeros(3, device=hidden.device)
+        with torch.enable_grad():
+            for start in range(0, max(hidden.shape[0], 1), size):
+                h = hidden[start : start + size].detach().requires_grad_(True)
+                ce, kd, loss = compute(h, start)
+                grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
+                grad_h[start : start + h.shape[0]] = grads[0]
+                for acc, g in zip(grad_p, grads[1:], strict=True):
+                    if g is not None:
+                        acc += g
+                sums += torch.stack([loss, ce, kd]).detach()
+        ctx.save_for_backward(grad_h, *grad_p)
+        ce_sum, kd_sum = sums[1].clone(), sums[2].clone()
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return sums[0].clone(), ce_sum, kd_sum
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_ce, _g_kd):
+        grad_h, *grad_p = ctx.saved_tensors
+        return (grad_h * g_loss, None, None, *(g * g_loss for g in grad_p))
+
+
+def chunked_loss(
     student_hidden: torch.Tensor,
     student_head: Callable[[torch.Tensor], torch.Tensor],
     targets: torch.Tensor,
     teacher: Callable[[slice], Teacher] | None,
     kind: str,
     *,
+    weights: tuple[float, float] = (1.0, 1.0),
+    head_params: Sequence[torch.Tensor] | None = None,
     beta: float = 0.5,
     skew: float = 0.1,
     temperature: float = 1.0,
     chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and divergence over N selected positions, a chunk at a time.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, summed CE and summed divergence over N selected positions, a chunk at a time.
 
     student_hidden (N, H) with grad; student_head maps (n, H) -> (n, V) logits; targets (N,);
-    teacher(slice) returns that chunk's teacher logits (n, V) or SparseLogprobs, or None for
-    CE only. Each chunk runs under activation checkpointing, so only one chunk's logits are
-    alive at a time in both passes. Returns (ce_sum, kd_sum), scalars.
-    """
+    teacher(slice) returns that chunk's teacher logits (n, V) or SparseLogprobs, or None for CE
+    only. Returns (loss, ce_sum, kd_sum) with loss = weights[0]·ce_sum + weights[1]·kd_sum, the
+    only output that carries a gradient (also with N = 0, so every process of a distributed run
+    can call backward). Only one chunk's logits are alive at a time.
 
-    def chunk_sums(h: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    With `head_params` (the parameters `student_head` uses), each chunk's gradient is computed in
+    the forward pass (no recomputation); without them, chunks run under activation checkpointing,
+    which also works where parameters are sharded (FSDP, DeepSpeed ZeRO-3).
+    """
+    w_ce, w_kd = weights
+    size = chunk_size
+
+    def compute(h: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         end = start + h.shape[0]
         logits = student_head(h)
         ce = per_token_ce(logits, targets[start:end]).sum()
         if teacher is None:
-            return ce, torch.zeros((), device=h.device)
+            return ce, torch.zeros_like(ce), w_ce * ce
         with torch.no_grad():
             t = teacher(slice(start, end))
         kd = per_token_divergence(
             logits, t, kind, beta=beta, skew=skew, temperature=temperature
         ).sum()
-        return ce, kd
+        return ce, kd, w_ce * ce + w_kd * kd
 
-    ce_sum = torch.zeros((), device=student_hidden.device)
-    kd_sum = torch.zeros((), device=student_hidden.device)
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        h = student_hidden[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            ce, kd = checkpoint(chunk_sums, h, start, use_reentrant=False)
-        else:
-            ce, kd = chunk_sums(h, start)
-        ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
-    return ce_sum, kd_sum
-
-
-def reduce_step(
-    ce_sum: torch.Tensor, kd_sum: torch.Tensor, ce_weight: float, step_tokens: int | float
-) -> torch.Tensor:
-    """loss = (w·CE + (1-w)·D) / tokens in the whole optimizer step (0 when there are none)."""
-    total = ce_weight * ce_sum + (1 - ce_weight) * kd_sum
-    return total / max(step_tokens, 1)
+    grad = torch.is_grad_enabled() and student_hidden.requires_grad
+    if grad and head_params is not None:
+        params = [p for p in head_params if p.requires_grad]
+        return _FusedChunks.apply(student_hidden, compute, size, *params)
+    run = partial(checkpoint, compute, use_reentrant=False) if grad else compute
+    total = [torch.zeros((), device=student_hidden.device) for _ in range(3)]
+    for start in range(0, max(student_hidden.shape[0], 1), size):
+        parts = run(student_hidden[start : start + size], start)
+        total = [a + b for a, b in zip(total, parts, strict=True)]
+    ce_sum, kd_sum, loss = total
+    return loss, ce_sum, kd_sum

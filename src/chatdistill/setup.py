@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from chatdistill.config import DistillConfig
 from chatdistill.data import (
@@ -20,7 +21,7 @@ from chatdistill.data import (
     split_rows,
 )
 from chatdistill.errors import UserError
-from chatdistill.losses import chunked_loss_sums
+from chatdistill.losses import chunk_size_for, chunked_loss
 from chatdistill.models import (
     check_vocab,
     count_parameters,
@@ -35,29 +36,36 @@ from chatdistill.teacher import LiveTeacher, TeacherSource, loss_positions
 
 
 class StudentLoss(torch.nn.Module):
-    """forward(batch, teacher targets) -> (ce_sum, kd_sum) on loss-carrying positions only."""
+    """forward(batch, teacher targets, weights) -> (loss, ce_sum, kd_sum) on loss-carrying
+    positions only; loss = weights[0]·ce_sum + weights[1]·kd_sum carries the gradient.
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, cfg: DistillConfig):
+    `fused` takes each loss chunk's gradient in the forward pass (see losses.chunked_loss); it is
+    turned off where the head's parameters are sharded (FSDP, DeepSpeed)."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, cfg: DistillConfig, fused: bool):
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
         self.loss_cfg = cfg.loss
+        self.fused = fused
 
-    def forward(self, input_ids, attention_mask, labels, teacher_fn=None):
+    def forward(self, input_ids, attention_mask, labels, teacher_fn=None, weights=(1.0, 1.0)):
         base, head = hidden_and_head(self.model)
         sel = loss_positions(labels)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         lc = self.loss_cfg
-        return chunked_loss_sums(
+        return chunked_loss(
             hidden[:, :-1][sel],
             lambda x: head(x)[:, : self.vocab_size],
             labels[:, 1:][sel],
             teacher_fn,
             lc.kind,
+            weights=weights,
+            head_params=list(head.parameters()) if self.fused else None,
             beta=lc.beta,
             skew=lc.skew,
             temperature=lc.temperature,
-            chunk_size=lc.chunk_size,
+            chunk_size=chunk_size_for(self.vocab_size, lc.chunk_size),
         )
 
 
@@ -195,9 +203,15 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         teacher = CachedTeacher.open(cfg, tokenizer, train_data)
         # The cache holds the whole data file, so a split of it can be scored from the cache too.
         val_teacher = teacher if val_data is not None and teacher.covers(val_data) else None
-    loss_module = StudentLoss(student, vocab, cfg)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    loss_module = StudentLoss(student, vocab, cfg, fused=not sharded)
+    # The fused AdamW kernel (CPU and CUDA) updates all parameters in one pass.
+    fused_adam = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(
-        student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        student.parameters(),
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        fused=fused_adam or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # The schedule counts optimizer steps: accelerate's prepared scheduler would advance once per

@@ -3,7 +3,7 @@
 Each optimizer step draws `grad_accum` micro-batches per process, counts the loss-carrying tokens
 of the whole step across processes, and divides the summed loss by that count, so accumulation and
 process count do not change the result. Only positions that carry loss are projected to the
-vocabulary (see losses.chunked_loss_sums).
+vocabulary (see losses.chunked_loss).
 """
 
 import json
@@ -21,19 +21,20 @@ from chatdistill import checkpoint as ckpt
 from chatdistill.config import DistillConfig, save_config
 from chatdistill.data import Dataset, collate, iter_batches
 from chatdistill.errors import UserError
-from chatdistill.losses import reduce_step
+from chatdistill.losses import step_weights
 from chatdistill.progress import TrainProgress
 from chatdistill.rollout import OnPolicySampler
 from chatdistill.setup import Setup, prepare
 from chatdistill.teacher import loss_positions
 
 
-def _loss_sums(
-    module: torch.nn.Module, batch: dict, examples: list, teacher
+def _loss(
+    module: torch.nn.Module, batch: dict, examples: list, teacher, weights=(1.0, 1.0)
 ) -> tuple[torch.Tensor, ...]:
-    """Student loss sums on one micro-batch -> (ce_sum, kd_sum), scalars."""
+    """Student loss on one micro-batch -> (loss, ce_sum, kd_sum), scalars."""
     teacher_fn = teacher.targets(batch, examples) if teacher is not None else None
-    return module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_fn)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    return module(ids, mask, labels, teacher_fn, weights)
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def evaluate_split(s: Setup, dataset: Dataset, teacher) -> dict[str, float]:
     for i in range(s.accelerator.process_index * bs, len(ex), bs * s.accelerator.num_processes):
         chunk = ex[i : i + bs]
         batch = {k: v.to(s.accelerator.device) for k, v in collate(chunk, s.pad_id).items()}
-        c, k = _loss_sums(module, batch, chunk, teacher)
+        _, c, k = _loss(module, batch, chunk, teacher)
         ce, kd, n = ce + c.item(), kd + k.item(), n + loss_positions(batch["labels"]).sum().item()
     totals = s.accelerator.reduce(torch.tensor([ce, kd, n], device=s.accelerator.device), "sum")
     ce, kd, n = totals.tolist()
@@ -138,12 +139,13 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
                 ]
             local = sum(loss_positions(batch["labels"]).sum().item() for _, batch in mine)
             step_tokens = acc.reduce(torch.tensor(local, device=acc.device), "sum").item()
+            # DDP averages gradients over processes; the step loss is a sum over all of them.
+            weights = [w * world for w in step_weights(s.ce_weight, step_tokens)]
             ce_tot = kd_tot = 0.0
             for i, (ex, batch) in enumerate(mine):
                 sync = i == len(mine) - 1
                 with nullcontext() if sync else acc.no_sync(s.loss_module):
-                    ce, kd = _loss_sums(s.loss_module, batch, ex, s.teacher)
-                    loss = reduce_step(ce, kd, s.ce_weight, step_tokens) * world
+                    loss, ce, kd = _loss(s.loss_module, batch, ex, s.teacher, weights)
                     acc.backward(loss)
                 ce_tot, kd_tot = ce_tot + ce.item(), kd_tot + kd.item()
             sums = acc.reduce(torch.tensor([ce_tot, kd_tot], device=acc.device), "sum").tolist()
