@@ -4,8 +4,9 @@ A Llama-shaped teacher (8 layers, 256 wide, tied 4k-vocab embeddings) is first t
 with SFT on synthetic support chats (answers follow a fact table of 80 products) and its logits are
 scaled by --sharpen (the same teacher at temperature 1/sharpen), so its distribution is peaked and
 structured like a trained chat model's; it is then distilled into a fresh student about 4x
-smaller (6 layers, 128 wide) twice with forward KL: once with the live teacher (the baseline)
-and once from a k=64 cache.
+smaller (6 layers, 128 wide) three times with forward KL: with the live teacher (the baseline),
+from a k=64 top-k cache, and from a k=64 cache whose last --tail-samples slots hold tokens
+sampled from outside the top (same layout and speed as the top-k cache).
 Reported: training tokens/s of each (median step), the cache's bytes per cached token, the cache
 writing cost, and the held-out KL(teacher || student) on the full vocabulary of both students,
 plus the effect of storing log-probs in float16 rather than float32.
@@ -192,6 +193,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="student optimizer steps per run")
     ap.add_argument("--teacher-steps", type=int, default=40, help="teacher SFT steps")
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument(
+        "--tail-samples", type=int, default=16, help="slots of a second cache sampled from the tail"
+    )
     ap.add_argument("--speed-steps", type=int, default=12, help="timed steps per mode")
     ap.add_argument("--sharpen", type=float, default=2.0, help="teacher logit scale after SFT")
     ap.add_argument("--train-rows", type=int, default=600)
@@ -233,6 +237,8 @@ def main() -> None:
         str(teacher), str(train_file), str(work / "cache"), top_k=args.top_k, max_length=MAX_LEN
     )
     cache_s = time.perf_counter() - started
+    write_cache(str(teacher), str(train_file), str(work / "cache-sampled"), top_k=args.top_k,
+                tail_samples=args.tail_samples, max_length=MAX_LEN)  # fmt: skip
     positions = sum(s["positions"] for s in meta["shards"])
     cache_bytes = sum((work / "cache" / s["file"]).stat().st_size for s in meta["shards"])
 
@@ -248,8 +254,12 @@ def main() -> None:
     live_tps, cached_tps = rates["live"], rates["cache"]
     live_dir, live_loop_tps = _distill(work / "live", **common, **live)
     cached_dir, cached_loop_tps = _distill(work / "cached", **common, **cache)
+    sampled_dir, _ = _distill(
+        work / "cached-sampled", **common, teacher_cache=str(work / "cache-sampled")
+    )
     kl_live = heldout_kl(teacher, live_dir, val_file, args.top_k)
     kl_cached = heldout_kl(teacher, cached_dir, val_file, args.top_k)
+    kl_sampled = heldout_kl(teacher, sampled_dir, val_file, args.top_k)
     kl_init = heldout_kl(teacher, student_cfg, val_file, args.top_k)
 
     result = {
@@ -269,8 +279,14 @@ def main() -> None:
             "bytes_per_input_token": cache_bytes / meta["tokens"],
             "write_tokens_per_s": meta["tokens"] / cache_s,
         },
-        "heldout_kl": {"untrained": kl_init, "live": kl_live, "cache": kl_cached},
+        "heldout_kl": {
+            "untrained": kl_init,
+            "live": kl_live,
+            "cache": kl_cached,
+            "cache_tail_samples": kl_sampled,
+        },
         "kl_ratio_cache_vs_live": kl_cached["dense"] / kl_live["dense"],
+        "kl_ratio_sampled_cache_vs_live": kl_sampled["dense"] / kl_live["dense"],
         "fp16_vs_fp32_topk_kl_rel_diff": abs(kl_cached["topk_fp16"] - kl_cached["topk_fp32"])
         / kl_cached["topk_fp32"],
     }
@@ -287,6 +303,11 @@ def main() -> None:
     print(
         f"{f'cache k={args.top_k}':<28}{cached_tps:>12.0f}{result['speedup']:>8.2f}"
         f"{kl_cached['dense']:>13.4f}{result['kl_ratio_cache_vs_live']:>8.3f}"
+    )
+    sampled_name = f"cache k={args.top_k}, {args.tail_samples} sampled"
+    print(
+        f"{sampled_name:<28}{cached_tps:>12.0f}{result['speedup']:>8.2f}"
+        f"{kl_sampled['dense']:>13.4f}{result['kl_ratio_sampled_cache_vs_live']:>8.3f}"
     )
     print(f"{'untrained student':<28}{'':>12}{'':>8}{kl_init['dense']:>13.4f}")
     print(

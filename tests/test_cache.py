@@ -285,3 +285,61 @@ def test_cached_teacher_rejects_a_conversation_it_does_not_hold(
     assert not cached.covers(new)
     with pytest.raises(UserError, match="not in the cache"):
         cached.targets(collate(new.examples, tok.pad_token_id), new.examples)
+
+
+def _sampled(logits, k, m, seed):
+    return cache_mod.sparse_targets(logits, k, m, torch.Generator().manual_seed(seed))
+
+
+def test_tail_samples_keep_the_top_and_sum_to_one_without_duplicates():
+    logits = torch.randn(5, 30) * 3
+    ids, lps = _sampled(logits, 8, 4, 0)
+    top = torch.log_softmax(logits, -1).topk(4, -1)
+    assert torch.equal(ids[:, :4], top.indices)
+    torch.testing.assert_close(lps[:, :4], top.values)
+    torch.testing.assert_close(lps.exp().sum(-1), torch.ones(5))
+    for row_ids, row_lps in zip(ids, lps):
+        used = row_ids[torch.isfinite(row_lps)].tolist()
+        assert len(used) == len(set(used))
+
+
+def test_tail_samples_make_the_forward_kl_gradient_unbiased():
+    """Averaged over draws, the cache's sparse forward-KL gradient is the full-vocabulary one;
+    top-k alone is off by the tail's shape."""
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 40) * 1.5
+    student = torch.randn(3, 40, requires_grad=True)
+
+    def grad(target) -> torch.Tensor:
+        (g,) = torch.autograd.grad(per_token_divergence(student, target, "fkl").sum(), student)
+        return g
+
+    dense = grad(teacher)
+    mean = sum(grad(SparseLogprobs(*_sampled(teacher, 8, 4, s))) for s in range(3000)) / 3000
+    top = torch.log_softmax(teacher, -1).topk(8, -1)
+    topk_only = grad(SparseLogprobs(top.indices, top.values))
+    assert (mean - dense).abs().max() < 0.01
+    assert (topk_only - dense).abs().max() > 5 * (mean - dense).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd", "tvd"])
+def test_training_from_a_cache_with_tail_samples_stays_finite(
+    tmp_path_factory, teacher, tokenizer_dir, chat_file, kind
+):
+    out = tmp_path_factory.getbasetemp() / "tail_cache"
+    if not (out / "cache.json").is_file():
+        write_cache(str(teacher), str(chat_file), str(out), top_k=8, tail_samples=4)
+    run = tmp_path_factory.mktemp("run")
+    student = build_tiny_model(run / "student", tokenizer_dir, "llama", 1)
+    cfg = _cfg(run / "out", chat_file, student=str(student), teacher_cache=str(out))
+    cfg.loss.kind = kind
+    train(cfg)
+    lines = [json.loads(x) for x in (run / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in lines if "loss" in r)
+    assert all(np.isfinite(r["val_kd"]) for r in lines if "val_kd" in r)
+
+
+def test_tail_samples_not_below_top_k_are_refused(tmp_path, teacher, chat_file, capsys):
+    args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(tmp_path / "c")]
+    err = _cache_error(capsys, [*args, "--top-k", "8", "--tail-samples", "8"])
+    assert "--tail-samples 8" in err and "--top-k (8)" in err

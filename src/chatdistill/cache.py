@@ -288,17 +288,47 @@ def _plan(examples: list[Example], shard_positions: int) -> list[dict]:
     return shards
 
 
+def sparse_targets(
+    logits: torch.Tensor, k: int, tail_samples: int = 0, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse teacher targets from logits (already divided by the temperature) -> ids, logprobs
+    (n, k).
+
+    Without tail samples: the top-k log-probs; the loss treats the rest as one tail bucket.
+    With m tail samples: the top k-m tokens exactly, plus m draws (with replacement) from the
+    teacher's distribution over the other tokens, each draw carrying 1/m of their mass (repeated
+    draws merged; the freed slots get log-prob -inf). The stored probabilities then sum to one
+    and equal the teacher's in expectation, so the forward KL's gradient (and CE mixing) is
+    unbiased for the full vocabulary, and the student learns the shape of the tail, not only its
+    total (Anshumann et al. 2025, "Sparse Logit Sampling").
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(k - tail_samples, dim=-1)
+    if tail_samples == 0:
+        return top.indices, top.values
+    # Tokens outside the top: their probabilities (a floor keeps all-zero rows drawable).
+    rest = (logp.exp() + 1e-30).scatter(-1, top.indices, 0.0)
+    mass = rest.sum(-1, keepdim=True)
+    draws = torch.multinomial(rest, tail_samples, replacement=True, generator=generator)
+    same = draws[:, :, None] == draws[:, None, :]
+    earlier = torch.ones(tail_samples, tail_samples, dtype=torch.bool).tril(-1).to(draws.device)
+    first = ~(same & earlier).any(-1)
+    share = (mass * same.sum(-1) / tail_samples).log()
+    logprobs = torch.where(first, share, torch.full_like(share, float("-inf")))
+    return torch.cat([top.indices, draws], -1), torch.cat([top.values, logprobs], -1)
+
+
 @torch.no_grad()
-def _teacher_topk(base, head, batch: dict, vocab: int, k: int, temperature: float, chunk: int):
-    """Top-k log-probs at `temperature` for the batch's loss positions -> ids, logprobs (N, k)."""
+def _teacher_sparse(base, head, batch: dict, vocab: int, meta: dict, generator, chunk: int):
+    """Sparse targets (see `sparse_targets`) for the batch's loss positions -> ids, logprobs."""
     hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     hidden = hidden.last_hidden_state[:, :-1][loss_positions(batch["labels"])]  # (N, H)
     ids, lps = [], []
     for s in range(0, hidden.shape[0], chunk):
-        logits = head(hidden[s : s + chunk])[:, :vocab].float() / temperature
-        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
-        ids.append(top.indices.cpu())
-        lps.append(top.values.cpu())
+        logits = head(hidden[s : s + chunk])[:, :vocab].float() / meta["temperature"]
+        i, lp = sparse_targets(logits, meta["top_k"], meta["tail_samples"], generator)
+        ids.append(i.cpu())
+        lps.append(lp.cpu())
     return torch.cat(ids), torch.cat(lps)
 
 
@@ -329,7 +359,7 @@ def _shard_ok(path: Path) -> bool:
 
 
 _SETTINGS = ("teacher_fingerprint", "tokenizer_fingerprint", "dataset_sha256", "top_k")
-_SETTINGS += ("temperature", "max_length", "shard_positions")
+_SETTINGS += ("temperature", "tail_samples", "max_length", "shard_positions")
 
 
 def write_cache(
@@ -338,6 +368,7 @@ def write_cache(
     output: str,
     top_k: int = 64,
     temperature: float = 1.0,
+    tail_samples: int = 0,
     max_length: int = 512,
     batch_size: int = 8,
     shard_positions: int = SHARD_POSITIONS,
@@ -357,6 +388,11 @@ def write_cache(
             f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens); "
             f"use --top-k {vocab} or less"
         )
+    if not 0 <= tail_samples < top_k:
+        raise UserError(
+            f"--tail-samples {tail_samples}: must be at least 0 and below --top-k ({top_k}); "
+            "they take slots of the top-k"
+        )
     rows = load_rows(data)
     require_references(rows, data, "the teacher cache")
     examples, dropped = _render_unique(rows, tokenizer, max_length)
@@ -374,6 +410,7 @@ def write_cache(
         "dataset_sha256": file_sha256(data),
         "top_k": top_k,
         "temperature": temperature,
+        "tail_samples": tail_samples,
         "max_length": max_length,
         "shard_positions": shard_positions,
         "id_dtype": np.dtype(id_dtype(vocab)).name,
@@ -406,7 +443,9 @@ def write_cache(
     try:
         for shard in pending:
             exs = examples[shard["start"] : shard["end"]]
-            arrays = _shard_arrays(exs, base, head, tokenizer, vocab, meta, batch_size, device, bar)
+            # Tail draws are seeded per shard, so a resumed run writes what an unbroken one would.
+            gen = torch.Generator(device).manual_seed(meta["shards"].index(shard))
+            arrays = _shard_arrays(exs, (base, head), tokenizer, vocab, meta, batch_size, gen, bar)
             _write_shard(out / shard["file"], arrays)
             meta["completed"].append(shard["file"])
             _atomic_write(out / META, json.dumps(meta, indent=1).encode())
@@ -415,16 +454,17 @@ def write_cache(
     return meta
 
 
-def _shard_arrays(exs, base, head, tokenizer, vocab, meta, batch_size, device, bar) -> dict:
-    """Teacher top-k for one shard's examples, batched by length, stored in example order."""
-    k, temperature = meta["top_k"], meta["temperature"]
+def _shard_arrays(exs, model, tokenizer, vocab, meta, batch_size, gen, bar) -> dict:
+    """Sparse teacher targets for one shard's examples, batched by length, in example order."""
+    base, head = model
+    device = gen.device
     order = sorted(range(len(exs)), key=lambda i: len(exs[i].input_ids))
     got: list = [None] * len(exs)
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         chunk = [exs[i] for i in idx]
         batch = {n: t.to(device) for n, t in collate(chunk, tokenizer.pad_token_id).items()}
-        ids, lps = _teacher_topk(base, head, batch, vocab, k, temperature, 1024)
+        ids, lps = _teacher_sparse(base, head, batch, vocab, meta, gen, 1024)
         counts = loss_positions(batch["labels"]).sum(1).tolist()
         for i, a, n in zip(idx, np.cumsum([0] + counts[:-1]), counts, strict=True):
             got[i] = (ids[a : a + n], lps[a : a + n])

@@ -208,6 +208,13 @@ def _add_cache_teacher(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="cache directory")
     p.add_argument("--top-k", type=int, default=64, help="log-probs kept per token (default: 64)")
     p.add_argument(
+        "--tail-samples",
+        type=int,
+        default=0,
+        help="of the k slots, fill this many with tokens sampled from outside the top, so the "
+        "forward KL from the cache is unbiased for the full vocabulary (default: 0)",
+    )
+    p.add_argument(
         "--temperature", type=float, default=1.0, help="must equal loss.temperature (default: 1)"
     )
     p.add_argument(
@@ -227,6 +234,7 @@ def _run_cache_teacher(args: argparse.Namespace) -> None:
         args.output,
         top_k=args.top_k,
         temperature=args.temperature,
+        tail_samples=args.tail_samples,
         max_length=args.max_length,
         batch_size=args.batch_size,
         device=args.device,

@@ -18,9 +18,15 @@ from torch.utils.checkpoint import checkpoint
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 
 
+_UNUSED = -1e4  # log-prob of an unused sparse slot: exp() is exactly 0 in float32
+
+
 @dataclass
 class SparseLogprobs:
-    """Teacher top-k log-probs (already at the training temperature); the rest is one tail bucket.
+    """Teacher log-probs of k tokens (already at the training temperature); the rest of the
+    vocabulary is one tail bucket. The tokens are the top-k, or the top ones plus tokens sampled
+    from the rest, each carrying its share of the rest's mass (see cache.sparse_targets); a slot
+    with log-prob -inf is unused.
 
     ids (N, k) int64, logprobs (N, k) float32.
     """
@@ -98,8 +104,11 @@ def per_token_divergence(
     """
     s_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
     if isinstance(teacher, SparseLogprobs):
-        s_top = s_log.gather(-1, teacher.ids)
-        t_top = teacher.logprobs.float()
+        # -inf marks an unused slot (a merged duplicate sample): no mass on either side. A finite
+        # stand-in keeps 0·(-inf - x) out of the backward pass.
+        unused = torch.isneginf(teacher.logprobs)
+        s_top = s_log.gather(-1, teacher.ids).masked_fill(unused, _UNUSED)
+        t_top = teacher.logprobs.float().masked_fill(unused, _UNUSED)
         s_log = torch.cat([s_top, _tail(s_top)], dim=-1)
         t_log = torch.cat([t_top, _tail(t_top)], dim=-1)
     else:
