@@ -139,8 +139,10 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
                 ]
             local = sum(loss_positions(batch["labels"]).sum().item() for _, batch in mine)
             step_tokens = acc.reduce(torch.tensor(local, device=acc.device), "sum").item()
+            # On the student's own samples CE would only reinforce them: the divergence alone (GKD).
+            ce_weight = 0.0 if on_policy else s.ce_weight
             # DDP averages gradients over processes; the step loss is a sum over all of them.
-            weights = [w * world for w in step_weights(s.ce_weight, step_tokens)]
+            weights = [w * world for w in step_weights(ce_weight, step_tokens)]
             ce_tot = kd_tot = 0.0
             for i, (ex, batch) in enumerate(mine):
                 sync = i == len(mine) - 1
@@ -149,7 +151,7 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
                     acc.backward(loss)
                 ce_tot, kd_tot = ce_tot + ce.item(), kd_tot + kd.item()
             sums = acc.reduce(torch.tensor([ce_tot, kd_tot], device=acc.device), "sum").tolist()
-            loss_value = (s.ce_weight * sums[0] + (1 - s.ce_weight) * sums[1]) / max(step_tokens, 1)
+            loss_value = (ce_weight * sums[0] + (1 - ce_weight) * sums[1]) / max(step_tokens, 1)
             if not math.isfinite(loss_value):
                 last = ckpt.latest_checkpoint(out)
                 raise UserError(
