@@ -5,7 +5,7 @@ training run), then prints mean and spread of answer accuracy and held-out CE fo
 KD student and both baselines, the KD student's share of the teacher's accuracy, and whether it
 beats baseline (a) by more than the seed spread. Writes bench/results/demo_seeds.json.
 
-    python bench/demo_seeds.py [--seeds 0,1,2] [--steps 600] [--output runs/demo-seeds]
+    python bench/demo_seeds.py [--seeds 0,1,2] [--steps 1200] [--output runs/demo-seeds]
 """
 
 import argparse
@@ -38,7 +38,7 @@ def _stats(xs: list[float]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=DemoConfig.steps)
     ap.add_argument("--eval-samples", type=int, default=200)
     ap.add_argument("--output", default="runs/demo-seeds")
     args = ap.parse_args()

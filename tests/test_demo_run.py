@@ -35,7 +35,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     assert len(labelled) == 12
     assert any("chatdistill serve" in line for line in lines)
     kd_cfg = (out / "kd_student" / "chatdistill_config.yaml").read_text()
-    assert "teacher_cache" in kd_cfg and "ce_weight: 0.5" in kd_cfg
+    assert "teacher_cache" in kd_cfg and "ce_weight: 0.8" in kd_cfg and "temperature: 1.0" in kd_cfg
 
     before = json.loads((out / "results.json").read_text())
     lines.clear()

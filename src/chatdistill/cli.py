@@ -333,7 +333,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--labelled-fraction", type=float, default=0.1, help="share of human-answered train rows"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps per student")
     p.add_argument("--eval-samples", type=int, default=200, help="test conversations evaluated")
     p.set_defaults(func=_run_demo)
 

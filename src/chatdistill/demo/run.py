@@ -7,7 +7,7 @@ human-written answers (`labelled_fraction` of the train rows). Stages, each reus
 1. data: the labelled subset and the prompt set, written to OUTPUT/data;
 2. teacher answers to every prompt (sequence-level KD data, `generate-data`);
 3. teacher cache: top-k log-probs of the teacher on teacher answers + labelled rows;
-4. the KD student, trained from the cache on CE + KL (the recipe below);
+4. the KD student, trained from the cache on 0.8 x CE + 0.2 x forward KL at T = 1 (`kd_recipe`);
 5. baselines of the same shape and step budget: (a) SFT on the labelled subset only, (b) SFT on
    all labelled rows the teacher saw;
 6. evaluation of all four on the test split: results.json, summary.md, report.html.
@@ -43,11 +43,13 @@ class DemoConfig:
     labelled_fraction: float = 0.1
     """share of the train rows whose human answers the demo may use"""
     seed: int = 0
-    steps: int = 600
+    steps: int = 1200
     """optimizer steps for the KD student and for each baseline (same budget)"""
     batch_size: int = 32
-    temperature: float = 2.0
-    ce_weight: float = 0.5
+    temperature: float = 1.0
+    ce_weight: float = 0.8
+    """CE on the teacher's answers and the labelled rows vs forward KL to its logits; 1 = CE only
+    (sequence-level KD, no cache). bench/demo_recipes.py compares the recipes."""
     top_k: int = 32
     eval_samples: int = 200
     """test conversations evaluated (from the start of the shuffled test split)"""
@@ -179,9 +181,21 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         raise
 
 
-def _run(cfg: DemoConfig, say) -> dict:
+@dataclass
+class KDInputs:
+    """What every student of the demo trains from: data files, the teacher, its answers (as
+    chat rows, with the labelled rows) and, for recipes that use its logits, its cache."""
+
+    paths: dict[str, Path]
+    teacher: Path
+    kd_data: Path
+    cache: Path | None
+    common: dict
+
+
+def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
+    """Stages 1-3: data, the teacher's answers to every prompt, and its cache (each reused)."""
     from chatdistill.cache import write_cache
-    from chatdistill.evaluate import EvalConfig, evaluate
     from chatdistill.rollout import generate_data
 
     assets = _assets(cfg)
@@ -203,17 +217,32 @@ def _run(cfg: DemoConfig, say) -> dict:
     kd_rows = load_rows(answers) + load_rows(paths["labelled"])
     _write_if_changed(kd_data, jsonl_text(kd_rows))
 
-    cache = out / "teacher_cache"
-    say(f"[teacher cache] top-{cfg.top_k} log-probs at temperature {cfg.temperature}")
-    write_cache(str(teacher), str(kd_data), str(cache), top_k=cfg.top_k,
-                temperature=cfg.temperature, max_length=MAX_LENGTH, batch_size=32)  # fmt: skip
+    cache = None
+    if cfg.ce_weight < 1:
+        cache = out / f"teacher_cache_t{cfg.temperature:g}_k{cfg.top_k}"
+        say(f"[teacher cache] top-{cfg.top_k} log-probs at temperature {cfg.temperature:g}")
+        write_cache(str(teacher), str(kd_data), str(cache), top_k=cfg.top_k,
+                    temperature=cfg.temperature, max_length=MAX_LENGTH, batch_size=32)  # fmt: skip
+    common = _common(cfg, paths, _student_config(out, teacher), teacher)
+    return KDInputs(paths, teacher, kd_data, cache, common)
 
-    student_config = _student_config(out, teacher)
-    common = _common(cfg, paths, student_config, teacher)
-    kd = _train("kd_student", out, {
-        **common, "teacher_cache": str(cache), "data.train": str(kd_data), "loss.kind": "fkl",
-        "loss.temperature": cfg.temperature, "loss.ce_weight": cfg.ce_weight,
-    }, say)  # fmt: skip
+
+def kd_recipe(cfg: DemoConfig, inputs: KDInputs) -> dict:
+    """The KD student's overrides: CE on the teacher's answers and the labelled rows, mixed with
+    forward KL to the cached teacher logits (or CE alone, sequence-level KD, at ce_weight 1)."""
+    recipe = {**inputs.common, "data.train": str(inputs.kd_data)}
+    if inputs.cache is None:
+        return {**recipe, "loss.kind": "sft"}
+    return {**recipe, "teacher_cache": str(inputs.cache), "loss.kind": "fkl",
+            "loss.temperature": cfg.temperature, "loss.ce_weight": cfg.ce_weight}  # fmt: skip
+
+
+def _run(cfg: DemoConfig, say) -> dict:
+    from chatdistill.evaluate import EvalConfig, evaluate
+
+    inputs = prepare_kd_inputs(cfg, say)
+    out, paths, common, teacher = Path(cfg.output), inputs.paths, inputs.common, inputs.teacher
+    kd = _train("kd_student", out, kd_recipe(cfg, inputs), say)
     sft_small = _train("baseline_sft_labelled",
                        out, {**common, "data.train": str(paths["labelled"]), "loss.kind": "sft"},
                        say)  # fmt: skip
