@@ -1,5 +1,6 @@
 """`chatdistill demo` end to end on a slice of the bundled data with a tiny teacher."""
 
+import dataclasses
 import json
 
 import pytest
@@ -45,6 +46,12 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     assert [m["quality"]["ce"] for m in after["models"]] == [
         m["quality"]["ce"] for m in before["models"]
     ]
+
+    # Other settings: the students are trained again, not reused.
+    lines.clear()
+    run_demo(dataclasses.replace(cfg, steps=4), say=lines.append)
+    assert sum("settings changed" in line for line in lines) == 3
+    assert "max_steps: 4" in (out / "kd_student" / "chatdistill_config.yaml").read_text()
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):

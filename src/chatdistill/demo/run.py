@@ -16,6 +16,7 @@ human-written answers (`labelled_fraction` of the train rows). Stages, each reus
 import errno
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,16 +137,22 @@ def _done(model_dir: Path) -> bool:
 
 
 def _train(name: str, out: Path, overrides: dict, say) -> Path:
-    """Run one training stage, or reuse/resume it."""
+    """Run one training stage, or reuse/resume it when it was made with the same settings."""
+    import yaml
+
     from chatdistill.config import load_distill_config
     from chatdistill.train import train
 
     model_dir = out / name
+    cfg = load_distill_config(None, {**overrides, "output": str(model_dir)})
+    saved = model_dir / "chatdistill_config.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.model_dump():
+        say(f"[{name}] settings changed since the last run; training it again")
+        shutil.rmtree(model_dir)
     if _done(model_dir):
         say(f"[{name}] reusing {model_dir}")
         return model_dir
     say(f"[{name}] training")
-    cfg = load_distill_config(None, {**overrides, "output": str(model_dir)})
     return train(cfg, resume=(model_dir / "checkpoints").is_dir())
 
 
