@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,9 +177,18 @@ def _common(cfg: DemoConfig, paths: dict, student_config: Path, teacher: Path) -
 
 
 def run_demo(cfg: DemoConfig, say=print) -> dict:
-    """Run every stage (reusing finished ones); return the evaluation results."""
+    """Run every stage (reusing finished ones); return the evaluation results. Stage lines are
+    stamped with the time since the start."""
+    started = time.monotonic()
+
+    def stamped(msg: str) -> None:
+        elapsed = int(time.monotonic() - started)
+        say(f"{elapsed // 60:2d}:{elapsed % 60:02d} {msg}" if msg.startswith("[") else msg)
+
     try:
-        return _run(cfg, say)
+        results = _run(cfg, stamped)
+        stamped("[done]")
+        return results
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise UserError(
