@@ -136,6 +136,7 @@ def run_ours(spec: dict) -> dict:
             "loss.beta": 0.5,
             "loss.temperature": 1.0,
             "loss.ce_weight": 0.0,
+            "loss.chunk_size": spec.get("chunk_size"),
             "train.max_steps": spec["warmup"] + spec["steps"],
             "train.batch_size": spec["batch_size"],
             "train.grad_accum": 1,
@@ -419,6 +420,7 @@ def prepare_run(work: Path, vocab: int, steps: int, warmup: int, args) -> dict:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "lr": args.lr,
+        "chunk_size": args.chunk_size,
         "seed": 0,
     }
 
@@ -564,6 +566,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument(
+        "--chunk-size", type=int, help="our loss.chunk_size (default: the trainer's, by vocabulary)"
+    )
     ap.add_argument(
         "--trl-checkpointing",
         action="store_true",

@@ -33,7 +33,7 @@ class LossConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="softens both distributions; loss x T^2")
     ce_weight: float = Field(0.0, ge=0, le=1, description="loss = w*CE + (1-w)*divergence")
     chunk_size: int | None = Field(
-        None, ge=1, description="loss positions per chunk (bounds memory); default ~8M logits"
+        None, ge=1, description="loss positions per chunk (bounds memory); default ~2M logits"
     )
 
 
