@@ -163,6 +163,9 @@ def _common(cfg: DemoConfig, paths: dict, student_config: Path, teacher: Path) -
         "tokenizer": str(teacher),
         "data.validation": str(paths["validation"]),
         "data.max_length": MAX_LENGTH,
+        # A 192-wide student over a 4k vocabulary: whole-batch chunks cost little memory and
+        # save the per-chunk overhead that dominates at this size (~10% of the demo's time).
+        "loss.chunk_size": 2048,
         "train.max_steps": cfg.steps,
         "train.batch_size": cfg.batch_size,
         "train.lr": 3e-3,
