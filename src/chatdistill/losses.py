@@ -154,13 +154,13 @@ class _FusedChunks(torch.autograd.Function):
         with torch.enable_grad():
             for start in range(0, max(hidden.shape[0], 1), size):
                 h = hidden[start : start + size].detach().requires_grad_(True)
-                ce, kd, loss = compute(h, start)
-                grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
+                parts = compute(h, start)  # (loss, ce, kd)
+                grads = torch.autograd.grad(parts[0], [h, *params], allow_unused=True)
                 grad_h[start : start + h.shape[0]] = grads[0]
                 for acc, g in zip(grad_p, grads[1:], strict=True):
                     if g is not None:
                         acc += g
-                sums += torch.stack([loss, ce, kd]).detach()
+                sums += torch.stack(parts).detach()
         ctx.save_for_backward(grad_h, *grad_p)
         ce_sum, kd_sum = sums[1].clone(), sums[2].clone()
         ctx.mark_non_differentiable(ce_sum, kd_sum)
@@ -199,29 +199,29 @@ def chunked_loss(
     which also works where parameters are sharded (FSDP, DeepSpeed ZeRO-3).
     """
     w_ce, w_kd = weights
-    size = chunk_size
 
     def compute(h: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk's (loss, ce_sum, kd_sum)."""
         end = start + h.shape[0]
         logits = student_head(h)
         ce = per_token_ce(logits, targets[start:end]).sum()
         if teacher is None:
-            return ce, torch.zeros_like(ce), w_ce * ce
+            return w_ce * ce, ce, torch.zeros_like(ce)
         with torch.no_grad():
             t = teacher(slice(start, end))
         kd = per_token_divergence(
             logits, t, kind, beta=beta, skew=skew, temperature=temperature
         ).sum()
-        return ce, kd, w_ce * ce + w_kd * kd
+        return w_ce * ce + w_kd * kd, ce, kd
 
     grad = torch.is_grad_enabled() and student_hidden.requires_grad
     if grad and head_params is not None:
         params = [p for p in head_params if p.requires_grad]
-        return _FusedChunks.apply(student_hidden, compute, size, *params)
+        return _FusedChunks.apply(student_hidden, compute, chunk_size, *params)
     run = partial(checkpoint, compute, use_reentrant=False) if grad else compute
     total = [torch.zeros((), device=student_hidden.device) for _ in range(3)]
-    for start in range(0, max(student_hidden.shape[0], 1), size):
-        parts = run(student_hidden[start : start + size], start)
+    for start in range(0, max(student_hidden.shape[0], 1), chunk_size):
+        parts = run(student_hidden[start : start + chunk_size], start)
         total = [a + b for a, b in zip(total, parts, strict=True)]
-    ce_sum, kd_sum, loss = total
+    loss, ce_sum, kd_sum = total
     return loss, ce_sum, kd_sum

@@ -206,12 +206,11 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     loss_module = StudentLoss(student, vocab, cfg, fused=not sharded)
     # The fused AdamW kernel (CPU and CUDA) updates all parameters in one pass.
-    fused_adam = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(
         student.parameters(),
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
-        fused=fused_adam or None,
+        fused=accelerator.device.type in ("cpu", "cuda"),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # The schedule counts optimizer steps: accelerate's prepared scheduler would advance once per
