@@ -1,5 +1,6 @@
 """`chatdistill chat`: driven through a pipe and through a real terminal (tmux)."""
 
+import io
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatdistill.chat import PROMPT, Conversation
+from chatdistill.chat import PROMPT, Conversation, run_chat
 from chatdistill.errors import UserError
 from chatdistill.generate import Engine, SamplingParams
 
@@ -175,6 +176,27 @@ def test_ctrl_c_at_the_prompt_exits_cleanly(model_dir):
     assert b"Traceback" not in proc.stderr.read()
 
 
+def test_ctrl_c_before_the_first_token_cancels_the_turn_not_the_chat(
+    model_dir, monkeypatch, capsys
+):
+    """Ctrl-C that lands while the prompt is prepared returns to the prompt with no history."""
+    calls = []
+    original = Conversation.prompt_for
+
+    def interrupted_once(self, text):
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return original(self, text)
+
+    monkeypatch.setattr(Conversation, "prompt_for", interrupted_once)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n/exit\n"))
+    run_chat(str(model_dir), temperature=0, max_new_tokens=4)
+    out = capsys.readouterr().out
+    assert calls == ["first", "second"]
+    assert out.count(PROMPT) == 3 and " [stopped]\n" in out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
 def test_real_terminal_session_with_tmux(chatty_dir, tmp_path):
@@ -206,7 +228,10 @@ def test_real_terminal_session_with_tmux(chatty_dir, tmp_path):
     try:
         wait_screen(lambda s: PROMPT.strip() in s)
         subprocess.run([*tmux, "send-keys", "-t", session, "Tell me everything.", "Enter"])
-        wait_screen(lambda s: s.count(">>>") == 1 and len(s.split("everything.", 1)[1]) > 40)
+        # capture-pane pads the screen with blank lines: count only what was written
+        wait_screen(
+            lambda s: s.count(">>>") == 1 and len(s.split("everything.", 1)[1].strip()) > 40
+        )
         subprocess.run([*tmux, "send-keys", "-t", session, "C-c"])
         wait_screen(lambda s: "[stopped]" in s and s.rstrip().endswith(">>>"))
         subprocess.run([*tmux, "send-keys", "-t", session, "C-d"])

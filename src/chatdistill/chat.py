@@ -2,7 +2,8 @@
 
 Answers stream as they are generated. The history is kept within the model's context window by
 dropping the oldest exchanges (the system turn stays). `/reset` clears the history, `/exit` quits;
-Ctrl-C during an answer stops that answer, Ctrl-C or Ctrl-D at the prompt quits.
+Ctrl-C during an answer (or before its first token) stops that answer; Ctrl-C or Ctrl-D at the
+prompt quits.
 """
 
 from __future__ import annotations
@@ -114,11 +115,14 @@ def run_chat(
         if text in ("/help", "/?"):
             print(HELP)
             continue
-        messages = conversation.prompt_for(line)
-        if messages is None:
-            print(
-                f"(that message does not fit in {conversation.budget} tokens of context; "
-                "shorten it or lower --max-new-tokens)"
-            )
-            continue
-        conversation.add(line, _answer(engine, messages, params))
+        try:  # Ctrl-C before the first token (while the prompt is prepared) cancels this turn
+            messages = conversation.prompt_for(line)
+            if messages is None:
+                print(
+                    f"(that message does not fit in {conversation.budget} tokens of context; "
+                    "shorten it or lower --max-new-tokens)"
+                )
+                continue
+            conversation.add(line, _answer(engine, messages, params))
+        except KeyboardInterrupt:
+            print(" [stopped]")
