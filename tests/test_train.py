@@ -134,3 +134,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     with pytest.raises(UserError, match="loss is nan at step 1; stopped"):
         train(cfg)
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_right_padded_batches_need_no_attention_mask(tiny_models, arch):
+    """Under causal attention the padding on the right is never seen by a real token: the hidden
+    states at real positions are the same with and without the mask, so none is passed."""
+    from chatdistill.models import hidden_and_head
+    from chatdistill.teacher import forward_mask
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+    base, _ = hidden_and_head(model)
+    ids = torch.randint(5, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[2, 10:] = 0
+    assert forward_mask(mask) is None
+    left = mask.flip(-1)
+    assert forward_mask(left) is left
+    with torch.no_grad():
+        masked = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        free = base(input_ids=ids, attention_mask=None).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(free[real], masked[real])
+    assert not torch.allclose(free[~real], masked[~real])  # only padding positions differ

@@ -42,7 +42,7 @@ from chatdistill.models import (
     tokenizer_fingerprint,
 )
 from chatdistill.progress import RateBar
-from chatdistill.teacher import loss_positions
+from chatdistill.teacher import forward_mask, loss_positions
 
 FORMAT = "chatdistill-teacher-cache"
 VERSION = 1
@@ -321,7 +321,9 @@ def sparse_targets(
 @torch.no_grad()
 def _teacher_sparse(base, head, batch: dict, vocab: int, meta: dict, generator, chunk: int):
     """Sparse targets (see `sparse_targets`) for the batch's loss positions -> ids, logprobs."""
-    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = base(
+        input_ids=batch["input_ids"], attention_mask=forward_mask(batch["attention_mask"])
+    )
     hidden = hidden.last_hidden_state[:, :-1][loss_positions(batch["labels"])]  # (N, H)
     ids, lps = [], []
     for s in range(0, hidden.shape[0], chunk):

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from chatdistill import __version__
+from chatdistill.allocator import keep_freed_memory
 from chatdistill.errors import UserError
 
 
@@ -377,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bars say more
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         args.func(args)
     except UserError as e:

@@ -104,16 +104,26 @@ def per_token_divergence(
     """
     s_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
     if isinstance(teacher, SparseLogprobs):
-        # -inf marks an unused slot (a merged duplicate sample): no mass on either side. A finite
-        # stand-in keeps 0·(-inf - x) out of the backward pass.
-        unused = torch.isneginf(teacher.logprobs)
-        s_top = s_log.gather(-1, teacher.ids).masked_fill(unused, _UNUSED)
-        t_top = teacher.logprobs.float().masked_fill(unused, _UNUSED)
-        s_log = torch.cat([s_top, _tail(s_top)], dim=-1)
-        t_log = torch.cat([t_top, _tail(t_top)], dim=-1)
+        rows = sparse_divergence(s_log.gather(-1, teacher.ids), teacher, kind, beta, skew)
     else:
         t_log = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return divergence_from_logprobs(s_log, t_log, kind, beta, skew) * temperature**2
+        rows = divergence_from_logprobs(s_log, t_log, kind, beta, skew)
+    return rows * temperature**2
+
+
+def sparse_divergence(
+    s_top: torch.Tensor, teacher: SparseLogprobs, kind: str, beta: float = 0.5, skew: float = 0.1
+) -> torch.Tensor:
+    """Divergence over k+1 buckets, the teacher's k tokens and the mass of everything else, from
+    the student's log-probs of those k tokens, s_top (N, k). (N,), not scaled by T²."""
+    # -inf marks an unused slot (a merged duplicate sample): no mass on either side. A finite
+    # stand-in keeps 0·(-inf - x) out of the backward pass.
+    unused = torch.isneginf(teacher.logprobs)
+    s_top = s_top.masked_fill(unused, _UNUSED)
+    t_top = teacher.logprobs.float().masked_fill(unused, _UNUSED)
+    s_log = torch.cat([s_top, _tail(s_top)], dim=-1)
+    t_log = torch.cat([t_top, _tail(t_top)], dim=-1)
+    return divergence_from_logprobs(s_log, t_log, kind, beta, skew)
 
 
 def per_token_ce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -141,26 +151,29 @@ class _FusedChunks(torch.autograd.Function):
     """Chunked loss whose gradient is computed in the forward pass, one chunk at a time.
 
     Activation checkpointing would run every chunk's head and loss twice (forward, then again in
-    the backward pass); here each chunk's gradient with respect to its hidden states and the
-    head's parameters is taken right away and the chunk's logits are freed. Backward only scales
-    the stored gradients.
+    the backward pass); here autograd carries each chunk's closed-form logit gradient through the
+    head to the hidden states and the head's parameters right away, and the chunk's logits are
+    freed. Backward only scales the stored gradients.
     """
 
     @staticmethod
-    def forward(ctx, hidden, compute, size, *params):
+    def forward(ctx, hidden, head, chunk_loss, size, *params):
         grad_h = torch.zeros_like(hidden)
         grad_p = [torch.zeros_like(p) for p in params]
         sums = torch.zeros(3, device=hidden.device)
-        with torch.enable_grad():
-            for start in range(0, max(hidden.shape[0], 1), size):
-                h = hidden[start : start + size].detach().requires_grad_(True)
-                parts = compute(h, start)  # (loss, ce, kd)
-                grads = torch.autograd.grad(parts[0], [h, *params], allow_unused=True)
-                grad_h[start : start + h.shape[0]] = grads[0]
-                for acc, g in zip(grad_p, grads[1:], strict=True):
-                    if g is not None:
-                        acc += g
-                sums += torch.stack(parts).detach()
+        for start in range(0, max(hidden.shape[0], 1), size):
+            h = hidden[start : start + size].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = head(h)
+            *parts, grad_logits = chunk_loss(logits.detach(), start)  # (loss, ce, kd), dL/dz
+            grads = torch.autograd.grad(
+                logits, [h, *params], grad_logits.to(logits.dtype), allow_unused=True
+            )
+            grad_h[start : start + h.shape[0]] = grads[0]
+            for acc, g in zip(grad_p, grads[1:], strict=True):
+                if g is not None:
+                    acc += g
+            sums += torch.stack(parts)
         ctx.save_for_backward(grad_h, *grad_p)
         ce_sum, kd_sum = sums[1].clone(), sums[2].clone()
         ctx.mark_non_differentiable(ce_sum, kd_sum)
@@ -169,7 +182,7 @@ class _FusedChunks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_ce, _g_kd):
         grad_h, *grad_p = ctx.saved_tensors
-        return (grad_h * g_loss, None, None, *(g * g_loss for g in grad_p))
+        return (grad_h * g_loss, None, None, None, *(g * g_loss for g in grad_p))
 
 
 def chunked_loss(
@@ -194,31 +207,50 @@ def chunked_loss(
     only output that carries a gradient (also with N = 0, so every process of a distributed run
     can call backward). Only one chunk's logits are alive at a time.
 
-    With `head_params` (the parameters `student_head` uses), each chunk's gradient is computed in
-    the forward pass (no recomputation); without them, chunks run under activation checkpointing,
-    which also works where parameters are sharded (FSDP, DeepSpeed ZeRO-3).
+    The gradient with respect to each chunk's logits comes in closed form (`loss_grads`), not
+    from autograd through the divergence. With `head_params` (the parameters `student_head`
+    uses), it is carried through the head in the forward pass (no recomputation); without them,
+    chunks run under activation checkpointing, which also works where parameters are sharded
+    (FSDP, DeepSpeed ZeRO-3). Without gradients the plain per-token functions run.
     """
+    # loss_grads builds on this module's divergences, hence the import here
+    from chatdistill.loss_grads import ClosedFormLoss, loss_and_logit_grad
+
     w_ce, w_kd = weights
 
-    def compute(h: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One chunk's (loss, ce_sum, kd_sum)."""
+    def plain(h: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk's (loss, ce_sum, kd_sum) without gradients (evaluation)."""
         end = start + h.shape[0]
         logits = student_head(h)
         ce = per_token_ce(logits, targets[start:end]).sum()
         if teacher is None:
             return w_ce * ce, ce, torch.zeros_like(ce)
-        with torch.no_grad():
-            t = teacher(slice(start, end))
+        t = teacher(slice(start, end))
         kd = per_token_divergence(
             logits, t, kind, beta=beta, skew=skew, temperature=temperature
         ).sum()
         return w_ce * ce + w_kd * kd, ce, kd
 
-    grad = torch.is_grad_enabled() and student_hidden.requires_grad
-    if grad and head_params is not None:
+    def chunk_loss(logits: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        """One chunk's (loss, ce_sum, kd_sum, dloss/dlogits) from its logits."""
+        end = start + logits.shape[0]
+        with torch.no_grad():
+            t = None if teacher is None else teacher(slice(start, end))
+        return loss_and_logit_grad(
+            logits, targets[start:end], t, kind, weights=weights, beta=beta, skew=skew,
+            temperature=temperature,
+        )  # fmt: skip
+
+    def checkpointed(h: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        return ClosedFormLoss.apply(student_head(h), partial(chunk_loss, start=start))
+
+    if not (torch.is_grad_enabled() and student_hidden.requires_grad):
+        run = torch.no_grad()(plain)
+    elif head_params is not None:
         params = [p for p in head_params if p.requires_grad]
-        return _FusedChunks.apply(student_hidden, compute, chunk_size, *params)
-    run = partial(checkpoint, compute, use_reentrant=False) if grad else compute
+        return _FusedChunks.apply(student_hidden, student_head, chunk_loss, chunk_size, *params)
+    else:
+        run = partial(checkpoint, checkpointed, use_reentrant=False)
     total = [torch.zeros((), device=student_hidden.device) for _ in range(3)]
     for start in range(0, max(student_hidden.shape[0], 1), chunk_size):
         parts = run(student_hidden[start : start + chunk_size], start)

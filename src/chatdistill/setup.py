@@ -32,7 +32,7 @@ from chatdistill.models import (
     load_tokenizer,
     student_from_config,
 )
-from chatdistill.teacher import LiveTeacher, TeacherSource, loss_positions
+from chatdistill.teacher import LiveTeacher, TeacherSource, forward_mask, loss_positions
 
 
 class StudentLoss(torch.nn.Module):
@@ -52,7 +52,8 @@ class StudentLoss(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels, teacher_fn=None, weights=(1.0, 1.0)):
         base, head = hidden_and_head(self.model)
         sel = loss_positions(labels)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = forward_mask(attention_mask)
+        hidden = base(input_ids=input_ids, attention_mask=mask).last_hidden_state
         lc = self.loss_cfg
         return chunked_loss(
             hidden[:, :-1][sel],

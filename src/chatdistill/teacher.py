@@ -20,6 +20,15 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != -100
 
 
+def forward_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask to give a causal LM for a (B, T) padding mask: None when every row is
+    padded on the right only (as `data.collate` pads). Causal attention already keeps each real
+    token from seeing the later padding, so the outputs at real positions are the same, and the
+    model takes its mask-free path (no 4D mask built, causal attention kernels)."""
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
+    return None if right_padded else mask
+
+
 class TeacherSource(Protocol):
     def targets(
         self, batch: dict[str, torch.Tensor], examples: list[Example]
@@ -38,7 +47,8 @@ class LiveTeacher:
     def targets(
         self, batch: dict[str, torch.Tensor], examples: list[Example]
     ) -> Callable[[slice], Teacher]:
-        out = self.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = forward_mask(batch["attention_mask"])
+        out = self.base(input_ids=batch["input_ids"], attention_mask=mask)
         hidden = out.last_hidden_state[:, :-1][loss_positions(batch["labels"])]  # (N, H)
         v = self.vocab_size
         return lambda s: self.head(hidden[s])[:, :v]

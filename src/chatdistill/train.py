@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from chatdistill import checkpoint as ckpt
+from chatdistill.allocator import keep_freed_memory
 from chatdistill.config import DistillConfig, save_config
 from chatdistill.data import Dataset, collate, iter_batches
 from chatdistill.errors import UserError
@@ -76,6 +77,7 @@ class MetricsLog:
 def train(cfg: DistillConfig, resume: bool = False) -> Path:
     """Run the recipe; return the output directory holding the final student."""
     transformers.utils.logging.disable_progress_bar()
+    keep_freed_memory()  # no page faults on every step's activations (see allocator.py)
     # cpu=True without a GPU makes a multi-process launch use gloo on the CPU (MULTI_CPU).
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available()
