@@ -107,21 +107,22 @@ def loss_and_logit_grad(
     """
     w_ce, w_kd = weights
     z = logits.float()
+    T = temperature
     log_p1 = F.log_softmax(z, dim=-1)  # CE is always at temperature 1
-    p1 = log_p1.exp()
+    p1 = log_p1.exp() if w_ce or T == 1 else None
     ce = -log_p1.gather(-1, targets[:, None]).sum()
     grad = None
     if w_ce:
         grad = p1.mul(w_ce).scatter_add_(-1, targets[:, None], torch.full_like(z[:, :1], -w_ce))
     kd = torch.zeros_like(ce)
     if teacher is not None:
-        T = temperature
         s = log_p1 if T == 1 else F.log_softmax(z / T, dim=-1)
         ps = p1 if T == 1 else s.exp()
         if isinstance(teacher, SparseLogprobs):
             rows, g = _sparse_rows_and_g(s, teacher, kind, beta, skew)
         else:
-            t = F.log_softmax(teacher.float() / T if T != 1 else teacher.float(), dim=-1)
+            tz = teacher.float()
+            t = F.log_softmax(tz if T == 1 else tz / T, dim=-1)
             rows, g = _dense_rows_and_g(s, ps, t, kind, beta, skew)
         kd = rows.sum() * T**2
         g = _logit_grad(g, ps, w_kd * T)  # T² from the loss's scale, 1/T from the softmax
