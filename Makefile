@@ -28,7 +28,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,bench]" $(TORCH)
-	set -e; for b in generate_speed train_throughput teacher_cache serve_load; do \
+	set -e; for b in generate_speed train_throughput teacher_cache serve_load export_speed; do \
 	  HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python bench/$$b.py; done
 
 clean:

@@ -2,9 +2,11 @@
 
 import dataclasses
 import json
+import shlex
 
 import pytest
 
+from chatdistill.cli import main
 from chatdistill.demo.data import demo_asset_dir
 from chatdistill.demo.run import DemoConfig, run_demo
 from chatdistill.errors import UserError
@@ -35,6 +37,12 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     labelled = (out / "data" / "labelled.jsonl").read_text().splitlines()
     assert len(labelled) == 12
     assert any("chatdistill serve" in line for line in lines)
+    # The printed export command works as printed (int4 ONNX export plus its check).
+    export_cmd = next(x for x in "\n".join(lines).splitlines() if "chatdistill export" in x)
+    argv = shlex.split(export_cmd.split("  ", 1)[1])[1:] + ["--check-chats", "3"]
+    assert main([*argv, "--check-tokens", "8"]) == 0
+    check = json.loads((out / "kd_student_onnx" / "export_check.json").read_text())
+    assert check["chats"] == 3 and check["export_bytes"] < check["model_bytes"]
     kd_cfg = (out / "kd_student" / "chatdistill_config.yaml").read_text()
     assert "teacher_cache" in kd_cfg and "ce_weight: 0.8" in kd_cfg and "temperature: 1.0" in kd_cfg
 

@@ -355,6 +355,66 @@ def _run_demo(args: argparse.Namespace) -> None:
     )
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model for edge runtimes (ONNX Runtime GenAI) and check it",
+        description="Write an ONNX Runtime GenAI model folder (model.onnx, genai_config.json, "
+        "tokenizer) for MODEL_DIR, then answer a few chats with both and report identical answers, "
+        "next-token agreement, decode speed and size. Needs pip install 'chatdistill[export]'.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="model directory to export")
+    p.add_argument("--output", required=True, help="new folder for the export")
+    p.add_argument(
+        "--precision",
+        default="int4",
+        help="int4 (default; block-wise weights), int8 or fp32 on cpu; int4, fp16, bf16 or fp32 "
+        "on cuda",
+    )
+    p.add_argument("--device", default="cpu", help="runtime the export targets: cpu or cuda")
+    p.add_argument("--prompts", help="chat rows (JSONL/Parquet) to check with; default: 6 built-in")
+    p.add_argument("--check-chats", type=int, default=16, help="rows of --prompts to use")
+    p.add_argument("--check-tokens", type=int, default=48, help="answer budget in the check")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with the model")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from chatdistill.export import check_export, export_onnx
+
+    if args.check_chats < 1:
+        raise UserError(f"--check-chats {args.check_chats}: must be at least 1")
+    chats = answers = None
+    if args.prompts and not args.no_check:
+        from chatdistill.data import load_rows, split_prompt_reference
+
+        rows = load_rows(args.prompts)[: args.check_chats]
+        chats = [split_prompt_reference(r["messages"])[0] for r in rows]
+        answers = [r.get("answer") if isinstance(r.get("answer"), str) else None for r in rows]
+    out = export_onnx(args.model_dir, args.output, args.precision, args.device)
+    print(f"exported {args.model_dir} to {out} (ONNX Runtime GenAI, {args.precision})")
+    if args.no_check:
+        return
+    if args.device != "cpu":
+        print("check skipped: it runs on CPU exports (load this one with onnxruntime-genai-cuda)")
+        return
+    c = check_export(args.model_dir, out, chats, args.check_tokens, answers)
+    (Path(out) / "export_check.json").write_text(json.dumps(c.as_dict(), indent=2))
+    print(
+        f"check on {c.chats} chats: {c.identical_answers}/{c.chats} identical answers, "
+        f"next-token agreement {c.token_agreement:.1%} over {c.compared_tokens} tokens; "
+        f"decode {c.export_tokens_per_s:,.0f} vs {c.model_tokens_per_s:,.0f} tokens/s (PyTorch); "
+        f"weights {c.export_bytes / 1e6:.1f} vs {c.model_bytes / 1e6:.1f} MB"
+    )
+    if c.model_accuracy is not None:
+        print(f"answer accuracy: export {c.export_accuracy:.1f}%, model {c.model_accuracy:.1f}%")
+    if c.first_difference:
+        print(f"first differing answer: {c.first_difference}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatdistill",
@@ -370,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_data(sub)
     _add_chat(sub)
     _add_demo(sub)
+    _add_export(sub)
     return parser
 
 

@@ -32,7 +32,9 @@ from chatdistill.data import (
 )
 from chatdistill.errors import UserError
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data")
+WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data", ".onnx.data"
+)  # fmt: skip
 LOWER_IS_BETTER = {"ce", "perplexity"}
 QUALITY_KEYS = ("ce", "perplexity", "rouge_l", "chrf", "accuracy")
 

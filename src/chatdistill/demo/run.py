@@ -286,6 +286,8 @@ def _run(cfg: DemoConfig, say) -> dict:
     say(
         f"\nreport: {out / 'report.html'}\n"
         f"chat with the student:  chatdistill chat {kd}\n"
-        f"serve it (OpenAI API + web page):  chatdistill serve {kd}"
+        f"serve it (OpenAI API + web page):  chatdistill serve {kd}\n"
+        f"export it for edge runtimes (ONNX, int4):  chatdistill export {kd} "
+        f"--output {out / 'kd_student_onnx'} --prompts {paths['test']}"
     )
     return results
