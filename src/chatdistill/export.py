@@ -6,7 +6,7 @@ line is its stable interface): model.onnx with its weights (fp32, int8 or block-
 fp16, bf16 or int4 on CUDA), genai_config.json and the tokenizer files the runtime reads, so the
 folder runs as is in ONNX Runtime GenAI's Python, C, C#, Java and mobile APIs. The export is
 built in a temporary folder beside the output and renamed into place, so a failed or interrupted
-export never leaves a half-written model.
+export never leaves a half-written model (a failure leaves the builder's log beside it).
 
 `check_export` runs the same chats through the PyTorch model and the export, greedy, and reports
 how many answers are identical and how often the export's next token agrees with the model's
@@ -110,7 +110,12 @@ def export_onnx(
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         log = proc.stdout + proc.stderr
         if proc.returncode != 0 or not (built / "genai_config.json").is_file():
-            raise UserError(f"{model_dir} ({arch}): ONNX export failed: {_builder_error(log)}")
+            log_path = out.parent / f"{out.name}.export.log"
+            log_path.write_text(log)
+            raise UserError(
+                f"{model_dir} ({arch}): ONNX export failed: {_builder_error(log)} "
+                f"(builder log: {log_path})"
+            )
         _keep_chat_template(src, built)
         (built / "chatdistill_export.json").write_text(
             json.dumps(
@@ -122,7 +127,7 @@ def export_onnx(
                     "architecture": arch,
                 },
                 indent=2,
-            )  # fmt: skip
+            )
         )
         if out.exists():
             out.rmdir()  # empty (checked above); os.replace needs the name free
