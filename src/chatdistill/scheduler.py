@@ -19,9 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-import torch
-
-from chatdistill.generate import DecodeBatch, Engine, SamplingParams, Sequence
+from chatdistill.generate import DecodeBatch, Engine, SamplingParams, Sequence, no_grad_mode
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +235,7 @@ class Scheduler:
     def _run(self) -> None:
         model = self.engine.model
         model.eval()
-        with torch.no_grad():
+        with no_grad_mode():
             while True:
                 with self._cond:
                     while not self._stopping and not self._waiting and not self._batch:
