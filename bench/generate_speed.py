@@ -10,6 +10,10 @@ engine at batch 1 and batch 8, engine at batch 8 while streaming text with stop 
 reference only) `model.generate` on the whole left-padded batch at once. Greedy outputs are checked
 against the baseline token for token.
 
+A second table serves many short chats: 64 single-turn prompts of 10-40 tokens, 32 new tokens,
+the baseline loop against the engine at batch 32, with its prompts prefilled several per forward
+pass (the default) and, for comparison, one by one.
+
     python bench/generate_speed.py [--new-tokens 64] [--repeats 5] [--threads 2]
 
 Writes bench/results/generate_speed.json.
@@ -28,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from chatdistill import generate  # noqa: E402
 from chatdistill.generate import Engine, SamplingParams  # noqa: E402
 from chatdistill.tokenizer import train_bpe_tokenizer  # noqa: E402
 
@@ -100,6 +105,50 @@ def timed_interleaved(fns: list, repeats: int) -> list[tuple[float, object]]:
     return list(zip(best, outs, strict=True))
 
 
+def short_prompts(engine: Engine, convs: list[list[str]], count: int) -> list[list[int]]:
+    """`count` single-turn chat prompts of 10-40 tokens (the first user turns of the corpus)."""
+    out = []
+    for conv in convs:
+        ids = engine.encode_chat([{"role": "user", "content": conv[0]}])
+        if 10 <= len(ids) <= 40:
+            out.append(ids)
+    return (out * (count // max(len(out), 1) + 1))[:count]
+
+
+def measure(runs: list[tuple[str, int, object]], repeats: int) -> list[dict]:
+    """Time each (name, batch, fn) interleaved; rows with tokens/s and the ratio to the first."""
+    rows = []
+    timings = timed_interleaved([fn for _, _, fn in runs], repeats)
+    reference = timings[0][1]
+    for (name, batch, _), (seconds, outs) in zip(runs, timings, strict=True):
+        tokens = sum(len(o) for o in outs)
+        rows.append(
+            {
+                "method": name,
+                "batch": batch,
+                "tokens": tokens,
+                "seconds": round(seconds, 4),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "same_tokens_as_baseline": outs == reference,
+            }
+        )
+    for r in rows:
+        r["ratio_vs_baseline"] = round(r["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
+    return rows
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(title)
+    head = f"{'method':44} {'batch':>5} {'tokens':>6} {'s':>7} {'tok/s':>8} {'x base':>6} same"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(
+            f"{r['method']:44} {r['batch']:>5} {r['tokens']:>6} {r['seconds']:>7.3f} "
+            f"{r['tokens_per_s']:>8.1f} {r['ratio_vs_baseline']:>6.2f} "
+            f"{'yes' if r['same_tokens_as_baseline'] else 'NO'}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -116,20 +165,23 @@ def main() -> None:
     n = args.new_tokens
     greedy = SamplingParams(max_new_tokens=n)
 
-    def hf_loop() -> list[list[int]]:
-        outs = []
-        with torch.no_grad():
-            for p in prompts:
-                ids = torch.tensor([p])
-                out = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                )
-                outs.append(out[0, len(p) :].tolist())
-        return outs
+    def hf_loop(prompts: list[list[int]], n: int):
+        def run() -> list[list[int]]:
+            outs = []
+            with torch.no_grad():
+                for p in prompts:
+                    ids = torch.tensor([p])
+                    out = model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=n,
+                        do_sample=False,
+                        pad_token_id=tok.pad_token_id,
+                    )
+                    outs.append(out[0, len(p) :].tolist())
+            return outs
+
+        return run
 
     def hf_padded_batch() -> list[list[int]]:
         tok.padding_side = "left"
@@ -140,55 +192,62 @@ def main() -> None:
             )
         return out[:, batch["input_ids"].shape[1] :].tolist()
 
-    def engine_run(batch_size: int, params: SamplingParams, stream: bool = False):
+    def engine_run(prompts, batch_size: int, params: SamplingParams, stream=False, alone=False):
         sink: list[str] = []
         on_text = (lambda _row, text: sink.append(text)) if stream else None
 
         def run() -> list[list[int]]:
-            outs = engine.generate(prompts, params, on_text=on_text, batch_size=batch_size)
+            # alone: every prompt prefilled by itself (budget 1 token -> groups of one)
+            saved = generate.PREFILL_TOKENS
+            generate.PREFILL_TOKENS = 1 if alone else saved
+            try:
+                outs = engine.generate(prompts, params, on_text=on_text, batch_size=batch_size)
+            finally:
+                generate.PREFILL_TOKENS = saved
             return [c.token_ids for c in outs]
 
         return run
 
     streaming = SamplingParams(max_new_tokens=n, stop=["<never>", "qqqzzz"])
-    runs = [
-        ("model.generate loop (baseline)", 1, hf_loop),
-        ("Engine.generate", 1, engine_run(1, greedy)),
-        ("Engine.generate", 8, engine_run(8, greedy)),
-        ("Engine.generate + streaming + stop strings", 8, engine_run(8, streaming, stream=True)),
-        ("model.generate padded batch (reference)", 8, hf_padded_batch),
-    ]
-    rows = []
-    timings = timed_interleaved([fn for _, _, fn in runs], args.repeats)
-    reference = timings[0][1]
-    for (name, batch, _), (seconds, outs) in zip(runs, timings, strict=True):
-        tokens = sum(len(o) for o in outs)
-        rows.append(
-            {
-                "method": name,
-                "batch": batch,
-                "tokens": tokens,
-                "seconds": round(seconds, 4),
-                "tokens_per_s": round(tokens / seconds, 1),
-                "same_tokens_as_baseline": outs == reference,
-            }
-        )
-    base = rows[0]["tokens_per_s"]
-    for r in rows:
-        r["ratio_vs_baseline"] = round(r["tokens_per_s"] / base, 2)
-
-    print(
-        f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
-        f"{n} new tokens each, greedy, {args.threads} threads, best of {args.repeats}"
+    rows = measure(
+        [
+            ("model.generate loop (baseline)", 1, hf_loop(prompts, n)),
+            ("Engine.generate", 1, engine_run(prompts, 1, greedy)),
+            ("Engine.generate", 8, engine_run(prompts, 8, greedy)),
+            (
+                "Engine.generate + streaming + stop strings",
+                8,
+                engine_run(prompts, 8, streaming, stream=True),
+            ),
+            ("model.generate padded batch (reference)", 8, hf_padded_batch),
+        ],
+        args.repeats,
     )
-    head = f"{'method':44} {'batch':>5} {'tokens':>6} {'s':>7} {'tok/s':>8} {'x base':>6} same"
-    print(head + "\n" + "-" * len(head))
-    for r in rows:
-        print(
-            f"{r['method']:44} {r['batch']:>5} {r['tokens']:>6} {r['seconds']:>7.3f} "
-            f"{r['tokens_per_s']:>8.1f} {r['ratio_vs_baseline']:>6.2f} "
-            f"{'yes' if r['same_tokens_as_baseline'] else 'NO'}"
-        )
+    print_table(
+        f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
+        f"{n} new tokens each, greedy, {args.threads} threads, best of {args.repeats}",
+        rows,
+    )
+
+    short = short_prompts(engine, convs, 64)
+    short_params = SamplingParams(max_new_tokens=32)
+    short_rows = measure(
+        [
+            ("model.generate loop (baseline)", 1, hf_loop(short, 32)),
+            (
+                "Engine.generate, prompts prefilled alone",
+                32,
+                engine_run(short, 32, short_params, alone=True),
+            ),
+            ("Engine.generate (grouped prefill)", 32, engine_run(short, 32, short_params)),
+        ],  # fmt: skip
+        args.repeats,
+    )
+    print_table(
+        f"\n{len(short)} short chats ({min(map(len, short))}-{max(map(len, short))} tokens), "
+        f"32 new tokens each, greedy, {args.threads} threads, best of {args.repeats}",
+        short_rows,
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -203,6 +262,7 @@ def main() -> None:
                 "cpu": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
                 "rows": rows,
+                "short_chats": {"prompt_tokens": [len(p) for p in short], "rows": short_rows},
             },
             indent=2,
         )

@@ -12,6 +12,7 @@ from chatdistill.generate import (
     Sequence,
     TextStream,
     _filtered_probs,
+    prefill_group,
 )
 
 from conftest import build_tiny_model, make_conversations
@@ -68,12 +69,12 @@ def test_finished_rows_leave_the_batch(engines, prompts):
     )
     try:
         params = [SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=12)]
-        out = engine.generate(prompts[:2], params)
+        out = engine.generate([prompts[0], prompts[0]], params)
     finally:
         hook.remove()
     assert [len(c.token_ids) for c in out] == [3, 12]
-    # two prefills, two decode steps with both rows, then the long row alone
-    assert sizes == [1, 1, 2, 2] + [1] * 9
+    # one prefill of both prompts, two decode steps with both rows, then the long row alone
+    assert sizes == [2, 2, 2] + [1] * 9
 
 
 def test_retire_trims_padding_no_row_needs(engines, prompts):
@@ -87,7 +88,7 @@ def test_retire_trims_padding_no_row_needs(engines, prompts):
         batch.add(short_seq)
         batch.add(long_seq)  # one token: finishes at prefill and never joins
         assert len(batch) == 1
-        batch._merge(long_seq, *_prefill(engine, long_prompt))
+        batch._merge([long_seq], *_prefill(engine, long_prompt))
         long_seq.finish("length")
         assert batch.mask.shape == (2, len(long_prompt))
         batch.retire()
@@ -96,12 +97,39 @@ def test_retire_trims_padding_no_row_needs(engines, prompts):
     assert batch.cache.layers[0].keys.shape[2] == len(short_prompt)
 
 
+def test_a_row_done_at_prefill_leaves_its_group_without_padding(engines, prompts):
+    engine = engines["gpt2"]  # absolute positions: left padding must not shift them
+    long_prompt, short_prompt = max(prompts, key=len), min(prompts, key=len)
+    batch = DecodeBatch(engine)
+    with torch.no_grad():
+        done = Sequence(engine, long_prompt, SamplingParams(max_new_tokens=1))
+        going = Sequence(engine, short_prompt, SamplingParams(max_new_tokens=8))
+        batch.add_many([done, going])
+        assert done.finish_reason == "length" and len(batch) == 1
+        assert batch.mask.shape == (1, len(short_prompt)) and not batch.padded
+        while going.finish_reason is None:
+            batch.step()
+    alone = engine.generate([short_prompt], SamplingParams(max_new_tokens=8))[0]
+    assert going.token_ids == alone.token_ids
+
+
+def test_prefill_groups_stay_within_room_and_token_budget():
+    assert prefill_group([28, 30, 29], room=8, budget=1000) == 3
+    assert prefill_group([28, 30, 29], room=2, budget=1000) == 2
+    assert prefill_group([100, 100, 100], room=8, budget=250) == 2
+    assert prefill_group([10, 300, 10], room=8, budget=500) == 1  # 2 rows x 300 > 500
+    assert prefill_group([5000], room=8, budget=100) == 1  # one prompt always goes
+    # padding stays within a quarter of the prefill
+    assert prefill_group([100, 80, 70, 20], room=8, budget=10**6) == 3
+    assert prefill_group([20, 100], room=8, budget=10**6) == 1
+
+
 def _prefill(engine, prompt):
     from transformers import DynamicCache
 
     cache = DynamicCache()
     out = engine.model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
-    return cache, out.logits[:, -1].argmax(-1)
+    return cache, torch.ones(1, len(prompt), dtype=torch.long), out.logits[:, -1].argmax(-1)
 
 
 def test_streamed_pieces_add_up_to_each_rows_text(engines, prompts):

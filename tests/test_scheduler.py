@@ -186,3 +186,35 @@ def test_bad_requests_are_user_errors_at_submit(engine, prompts):
     with pytest.raises(UserError, match="empty"):
         sched.submit([], SamplingParams())
     assert sched.num_waiting == 0
+
+
+def test_requests_admitted_together_share_a_prefill_and_a_broken_one_fails_alone(engine, prompts):
+    # Three prompts of one length (so one prefill takes them all), one of them poisoned.
+    base = prompts[0]
+    trio = [base, [base[1], *base[1:]], [base[0], base[0], *base[2:]]]
+    poison = trio[1]
+    forwards: list[int] = []
+
+    def hook(_module, _args, kw):
+        ids = kw["input_ids"]
+        forwards.append(ids.shape[0])
+        if any(row.tolist() == poison for row in ids):
+            raise RuntimeError("this prompt breaks the model")
+
+    expected = [engine.generate([p], SamplingParams(max_new_tokens=6))[0] for p in trio]
+    sched = Scheduler(engine, max_batch=4)
+    # Queued before the decode thread starts, so all three are admitted at once.
+    requests = [sched.submit(p, SamplingParams(max_new_tokens=6)) for p in trio]
+    handle = engine.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        sched.start()
+        results = [list(r.iter_sync()) for r in requests]
+    finally:
+        handle.remove()
+        sched.shutdown()
+    assert forwards[0] == 3  # the first prefill took all three prompts together
+    assert results[1][-1].finish_reason == "error"
+    assert "breaks the model" in results[1][-1].error
+    for i in (0, 2):
+        assert requests[i].text == expected[i].text
+        assert results[i][-1].finish_reason == expected[i].finish_reason

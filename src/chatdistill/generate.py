@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,34 +271,57 @@ class DecodeBatch:
         return len(self.seqs)
 
     def add(self, seq: Sequence) -> str:
-        """Prefill `seq` alone, pick its first token, and merge it into the batch unless it is done.
+        """Prefill one sequence (see `add_many`); returns its first token's text."""
+        return self.add_many([seq])[0]
 
-        Returns the first token's text. Call under `no_grad_mode()` with the model in eval mode.
+    def add_many(self, seqs: list[Sequence]) -> list[str]:
+        """Prefill `seqs` in one forward pass, left-padded to the longest prompt, pick each one's
+        first token, and merge the unfinished ones into the batch.
+
+        Returns each first token's text. Call under `no_grad_mode()` with the model in eval mode.
+        Prompts prefilled together cost about half as much each as prompts prefilled alone.
         """
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
+        width = int(lengths.max())
+        ids = torch.tensor(
+            [[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device
+        )
+        columns = torch.arange(width, device=self.device)
+        mask = (columns[None, :] >= width - lengths[:, None]).long()
         cache = DynamicCache()
         out = self.model(
             input_ids=ids,
-            position_ids=torch.arange(ids.shape[1], device=self.device)[None],
+            attention_mask=mask if int(lengths.min()) < width else None,
+            position_ids=(mask.cumsum(1) - 1).clamp_(min=0),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        token = sample_next(out.logits[:, -1], [seq])
-        text = seq.accept(int(token))
-        if seq.finish_reason is None:
-            self._merge(seq, cache, token)
-        return text
+        tokens = sample_next(out.logits[:, -1], seqs)
+        texts = [s.accept(t) for s, t in zip(seqs, tokens.tolist(), strict=True)]
+        keep = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+        if keep:
+            if len(keep) < len(seqs):  # rows done at their first token never join
+                idx = torch.tensor(keep, device=self.device)
+                start = width - int(lengths[idx].max())
+                for layer in cache.layers:
+                    layer.keys = layer.keys[idx, :, start:]
+                    layer.values = layer.values[idx, :, start:]
+                mask, tokens = mask[idx, start:], tokens[idx]
+            self._merge([seqs[i] for i in keep], cache, mask, tokens)
+        return texts
 
-    def _merge(self, seq: Sequence, cache: DynamicCache, token: torch.Tensor) -> None:
-        length = len(seq.prompt_ids)
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        position = torch.tensor([length], device=self.device)
+    def _merge(
+        self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor
+    ) -> None:
+        """Join a prefilled block (its own left-padded cache and mask) to the running batch."""
+        positions = mask.sum(1)
+        block_padded = int(positions.min()) < mask.shape[1]
         if self.cache is None:
-            self.seqs, self.cache, self.mask = [seq], cache, mask
-            self.positions, self.pending = position, token
+            self.seqs, self.cache, self.mask = list(seqs), cache, mask
+            self.positions, self.pending, self.padded = positions, tokens, block_padded
             return
-        width = self.mask.shape[1]
+        width, length = self.mask.shape[1], mask.shape[1]
         pad_old, pad_new = max(0, length - width), max(0, width - length)
         for old, new in zip(self.cache.layers, cache.layers, strict=True):
             old.keys = torch.cat([_left_pad(old.keys, pad_old), _left_pad(new.keys, pad_new)])
@@ -306,10 +329,10 @@ class DecodeBatch:
         self.mask = torch.cat(
             [_left_pad(self.mask, pad_old, dim=1), _left_pad(mask, pad_new, dim=1)]
         )
-        self.positions = torch.cat([self.positions, position])
-        self.pending = torch.cat([self.pending, token])
-        self.seqs.append(seq)
-        self.padded = self.padded or pad_old > 0 or pad_new > 0
+        self.positions = torch.cat([self.positions, positions])
+        self.pending = torch.cat([self.pending, tokens])
+        self.seqs.extend(seqs)
+        self.padded = self.padded or block_padded or pad_old > 0 or pad_new > 0
 
     def step(self) -> list[str]:
         """Feed every row its pending token and pick the next one; returns each row's new text."""
@@ -347,6 +370,32 @@ class DecodeBatch:
         self.seqs = [self.seqs[i] for i in keep]
         self.padded = int(self.positions.min()) < self.mask.shape[1]
         return done
+
+
+# Most padded prompt tokens prefilled in one forward pass (rows x longest prompt): bounds the
+# prefill's activations and attention mask however many prompts wait.
+PREFILL_TOKENS = 8192
+# Largest share of a prefill spent on padding: prompts of very different lengths are cheaper
+# apart than padded to the longest.
+PREFILL_MAX_PADDING = 0.25
+
+
+def prefill_group(lengths: Iterable[int], room: int, budget: int | None = None) -> int:
+    """How many of the waiting prompts (their `lengths`, in order) to prefill together: at most
+    `room`, and at least one, while rows x longest prompt stays within `budget` (default
+    `PREFILL_TOKENS`) and padding within `PREFILL_MAX_PADDING` of it."""
+    budget = PREFILL_TOKENS if budget is None else budget
+    n = longest = real = 0
+    for length in lengths:
+        if n >= room:
+            break
+        wide = max(longest, length)
+        if n and (
+            (n + 1) * wide > budget or real + length < (1 - PREFILL_MAX_PADDING) * (n + 1) * wide
+        ):
+            break
+        n, longest, real = n + 1, wide, real + length
+    return max(n, 1)
 
 
 def no_grad_mode(training: bool = False):
@@ -488,13 +537,19 @@ class Engine:
         try:
             with no_grad_mode(was_training):
                 batch = DecodeBatch(self)
-                waiting = deque(range(len(prompts)))
+                # Longest first: neighbours have similar lengths, so prefills pad little.
+                waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
                 while waiting or batch:
                     while waiting and len(batch) < batch_size:
-                        i = waiting.popleft()
-                        seq = Sequence(self, prompts[i], plist[i])
-                        seq.tag = i
-                        emit(seq, batch.add(seq))
+                        room = batch_size - len(batch)
+                        group = prefill_group((len(prompts[i]) for i in waiting), room)
+                        seqs = []
+                        for _ in range(group):
+                            i = waiting.popleft()
+                            seqs.append(Sequence(self, prompts[i], plist[i]))
+                            seqs[-1].tag = i
+                        for seq, text in zip(seqs, batch.add_many(seqs), strict=True):
+                            emit(seq, text)
                     if batch:
                         for seq, text in zip(list(batch.seqs), batch.step(), strict=True):
                             emit(seq, text)

@@ -19,7 +19,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-from chatdistill.generate import DecodeBatch, Engine, SamplingParams, Sequence, no_grad_mode
+from chatdistill.generate import (
+    DecodeBatch,
+    Engine,
+    SamplingParams,
+    Sequence,
+    no_grad_mode,
+    prefill_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +252,7 @@ class Scheduler:
                     room = self.max_batch - len(self._batch)
                     admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 self._drop_cancelled()
-                for req in admit:
-                    self._admit(req)
+                self._admit(admit)
                 if self._batch:
                     self._step()
                 self._num_running = len(self._batch)
@@ -257,21 +263,39 @@ class Scheduler:
                 self._deliver(seq, seq.finish("cancelled"))
         self._batch.retire()
 
-    def _admit(self, req: Request) -> None:
-        if req.cancel_requested:
-            self._end_unstarted(req, "cancelled")
-            return
-        seq = Sequence(self.engine, req.prompt_ids, req.params)
-        seq.tag = req
-        req.started_at = seq.started_at
-        try:
-            text = self._batch.add(seq)
-        except Exception as e:  # this prompt broke the forward; the running batch is untouched
-            log.exception("prefill failed for %s", req.id)
-            self._end_unstarted(req, "error", str(e))
-            return
-        self._num_running = len(self._batch)
-        self._deliver(seq, text)
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill the admitted requests, several per forward pass (`prefill_group`)."""
+        seqs = []
+        for req in reqs:
+            if req.cancel_requested:
+                self._end_unstarted(req, "cancelled")
+                continue
+            seq = Sequence(self.engine, req.prompt_ids, req.params)
+            seq.tag = req
+            req.started_at = seq.started_at
+            seqs.append(seq)
+        while seqs:
+            n = prefill_group((len(s.prompt_ids) for s in seqs), len(seqs))
+            group, seqs = seqs[:n], seqs[n:]
+            try:
+                texts = self._batch.add_many(group)
+            except Exception:  # some prompt broke the forward: one by one, to fail only that one
+                self._prefill_alone(group)
+                continue
+            self._num_running = len(self._batch)
+            for seq, text in zip(group, texts, strict=True):
+                self._deliver(seq, text)
+
+    def _prefill_alone(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            try:
+                text = self._batch.add(seq)
+            except Exception as e:  # this prompt broke the forward; the running batch is untouched
+                log.exception("prefill failed for %s", seq.tag.id)
+                self._end_unstarted(seq.tag, "error", str(e))
+                continue
+            self._num_running = len(self._batch)
+            self._deliver(seq, text)
 
     def _step(self) -> None:
         seqs = list(self._batch.seqs)
