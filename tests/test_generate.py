@@ -13,6 +13,7 @@ from chatdistill.generate import (
     TextStream,
     _filtered_probs,
     prefill_group,
+    sample_next,
 )
 
 from conftest import build_tiny_model, make_conversations
@@ -156,6 +157,24 @@ def test_same_seed_gives_same_text_alone_or_batched(engines, prompts):
     assert alone.token_ids == again[0].token_ids == batched[0].token_ids
     other = engine.generate(prompts[:1], SamplingParams(20, temperature=1.0, seed=8))[0]
     assert other.token_ids != alone.token_ids
+
+
+def test_sampling_follows_the_tempered_and_filtered_distribution(engines, prompts):
+    engine = engines["llama"]
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, -9.0]])
+    draws = 20000
+    for params, probs in [
+        (SamplingParams(temperature=1.0, seed=3), torch.softmax(logits[0], -1)),
+        (SamplingParams(temperature=2.0, seed=4), torch.softmax(logits[0] / 2, -1)),
+        (SamplingParams(temperature=1.0, top_k=2, seed=5), torch.softmax(logits[0, :2], -1)),
+    ]:
+        seq = Sequence(engine, prompts[0], params)
+        picks = torch.cat([sample_next(logits, [seq]) for _ in range(draws)])
+        freq = torch.bincount(picks, minlength=6).float() / draws
+        expected = torch.zeros(6)
+        expected[: len(probs)] = probs
+        # binomial standard error is at most 0.0036 here; 4.5 of them
+        assert (freq - expected).abs().max() < 0.016, (params, freq, expected)
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(engines, prompts):

@@ -218,3 +218,39 @@ def test_requests_admitted_together_share_a_prefill_and_a_broken_one_fails_alone
     for i in (0, 2):
         assert requests[i].text == expected[i].text
         assert results[i][-1].finish_reason == expected[i].finish_reason
+
+
+def test_one_decode_step_wakes_each_event_loop_once(engine, prompts):
+    """Rows of one step are handed over with one thread-safe call per event loop, not per row."""
+    from chatdistill.scheduler import Delta, Request, Wakeups
+
+    async def main() -> tuple[list[list[str]], int]:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args):
+            nonlocal calls
+            calls += 1
+            return original(*args)
+
+        loop.call_soon_threadsafe = counting
+        reqs = [Request(f"r{i}", prompts[i], SamplingParams(), lambda _r: None) for i in range(3)]
+        streams = [r.stream() for r in reqs]
+        firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
+        await asyncio.sleep(0)  # every stream registers its loop and waits
+
+        def decode_step() -> int:
+            wakeups = Wakeups()
+            for i, r in enumerate(reqs):
+                r._push(Delta(f"tok{i}", [i], "stop"), wakeups)
+            wakeups.send()
+            return calls  # counted here: to_thread's own hand-back is one more call
+
+        step_calls = await asyncio.to_thread(decode_step)
+        got = [[(await f).text] for f in firsts]
+        return got, step_calls
+
+    got, calls = asyncio.run(main())
+    assert got == [["tok0"], ["tok1"], ["tok2"]]
+    assert calls == 1

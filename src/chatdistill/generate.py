@@ -1,9 +1,10 @@
 """One KV-cache generation engine shared by evaluation, the trainer's rollouts, chat and serving.
 
-The engine calls the model's forward itself (not `model.generate`) so that it owns the batch: every
-prompt is prefilled alone, then joins a running batch whose KV cache is laid out left-padded; rows
-that finish leave the batch at once, and waiting prompts take their place (continuous batching).
-`DecodeBatch` is that running batch; the server's `Scheduler` drives the same class from a thread.
+The engine calls the model's forward itself (not `model.generate`) so that it owns the batch:
+waiting prompts are prefilled a few at a time, then join a running batch whose KV cache (a
+`kv_cache.GrowingCache`, appended in place) is laid out left-padded; rows that finish leave the
+batch at once, and waiting prompts take their place (continuous batching). `DecodeBatch` is that
+running batch; the server's `Scheduler` drives the same class from a thread.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from chatdistill.errors import UserError
+from chatdistill.kv_cache import GrowingCache
 
 # Prompt tokens decoded in front of the first generated token, so tokenizers that drop a word's
 # leading space at the start of a decode (SentencePiece) still produce it.
@@ -236,10 +237,12 @@ def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     temps = torch.tensor([p.temperature for p in params], device=logits.device)
     sub = logits[rows] / temps[:, None]
     probs, order = _filtered_probs(sub, [p.top_k for p in params], [p.top_p for p in params])
-    # One draw per row so a seeded row uses only its own generator: same seed -> same text.
-    cols = torch.cat(
-        [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(rows)]
-    )
+    # Inverse-CDF sampling: one uniform number per row, from the row's own generator when it is
+    # seeded (same seed -> same text); multinomial would draw one per vocabulary entry.
+    u = torch.cat([torch.rand(1, device=logits.device, generator=seqs[i].generator) for i in rows])
+    cdf = probs.cumsum(dim=-1)
+    cols = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    cols = cols.clamp_(max=probs.shape[-1] - 1)
     picked = cols if order is None else order.gather(1, cols[:, None])[:, 0]
     tokens[rows] = picked
     return tokens
@@ -261,7 +264,7 @@ class DecodeBatch:
 
     def _clear(self) -> None:
         self.seqs: list[Sequence] = []
-        self.cache: DynamicCache | None = None
+        self.cache: GrowingCache | None = None
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None
@@ -288,7 +291,7 @@ class DecodeBatch:
         )
         columns = torch.arange(width, device=self.device)
         mask = (columns[None, :] >= width - lengths[:, None]).long()
-        cache = DynamicCache()
+        cache = GrowingCache()
         out = self.model(
             input_ids=ids,
             attention_mask=mask if int(lengths.min()) < width else None,
@@ -312,7 +315,7 @@ class DecodeBatch:
         return texts
 
     def _merge(
-        self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor
+        self, seqs: list[Sequence], cache: GrowingCache, mask: torch.Tensor, tokens: torch.Tensor
     ) -> None:
         """Join a prefilled block (its own left-padded cache and mask) to the running batch."""
         positions = mask.sum(1)

@@ -47,6 +47,28 @@ class Delta:
     error: str | None = None  # the exception message when finish_reason == "error"
 
 
+class Wakeups:
+    """asyncio events to set from another thread, one `call_soon_threadsafe` per event loop."""
+
+    def __init__(self) -> None:
+        self._events: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self._events.setdefault(loop, []).append(event)
+
+    def send(self) -> None:
+        for loop, events in self._events.items():
+            # A closed loop means nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_set_all, events)
+        self._events.clear()
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
 class Request:
     """One submitted generation: its progress, timings (time.monotonic()) and output stream."""
 
@@ -76,8 +98,9 @@ class Request:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
 
-    def _push(self, delta: Delta) -> None:
-        """Called by the decode thread (or by cancel/shutdown) to hand over a Delta."""
+    def _push(self, delta: Delta, wakeups: Wakeups | None = None) -> None:
+        """Called by the decode thread (or by cancel/shutdown) to hand over a Delta. With
+        `wakeups` the listener is woken when they are sent (once per decode step for all rows)."""
         with self._cond:
             self.text += delta.text
             if delta.finish_reason is not None:
@@ -87,9 +110,10 @@ class Request:
             self._cond.notify_all()
             loop, event = self._loop, self._event
         if loop is not None:
-            # A closed loop means nobody is listening any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
+            pending = Wakeups() if wakeups is None else wakeups
+            pending.add(loop, event)
+            if wakeups is None:
+                pending.send()
 
     async def stream(self) -> AsyncIterator[Delta]:
         """Yield Deltas as they come; the last one has `finish_reason` set.
@@ -227,7 +251,7 @@ class Scheduler:
         except Exception:
             log.exception("on_finish hook failed for %s", req.id)
 
-    def _deliver(self, seq: Sequence, text: str) -> None:
+    def _deliver(self, seq: Sequence, text: str, wakeups: Wakeups | None = None) -> None:
         """Send a row's progress to its request as one Delta (nothing when there is no news)."""
         req: Request = seq.tag
         sent = req.completion_tokens
@@ -235,7 +259,7 @@ class Scheduler:
         req.completion_tokens = len(seq.token_ids)
         req.first_token_at = seq.first_token_at
         if text or new_ids or seq.finish_reason is not None:
-            req._push(Delta(text, new_ids, seq.finish_reason))
+            req._push(Delta(text, new_ids, seq.finish_reason), wakeups)
         if seq.finish_reason is not None:
             self._finished(req)
 
@@ -309,6 +333,8 @@ class Scheduler:
                 seq.tag._push(Delta("", [], "error", str(e)))
                 self._finished(seq.tag)
             return
+        wakeups = Wakeups()
         for seq, text in zip(seqs, texts, strict=True):
-            self._deliver(seq, text)
+            self._deliver(seq, text, wakeups)
+        wakeups.send()
         self._batch.retire()
