@@ -282,7 +282,7 @@ class DecodeBatch:
         first token, and merge the unfinished ones into the batch.
 
         Returns each first token's text. Call under `no_grad_mode()` with the model in eval mode.
-        Prompts prefilled together cost about half as much each as prompts prefilled alone.
+        Short prompts prefilled together cost about half as much each as prefilled alone.
         """
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
         width = int(lengths.max())

@@ -1,10 +1,11 @@
 """Continuous batching for the server: one decode thread, many concurrent requests.
 
 The decode thread owns a `DecodeBatch` (see generate.py). Between two decode steps it drops
-cancelled rows, admits waiting requests (each is prefilled alone and its KV cache merged into the
-running batch), and after the step retires finished rows, so a new request never waits for the whole
-batch to finish. Results travel to callers as `Delta`s: `Request.stream()` for asyncio code (woken
-with `loop.call_soon_threadsafe`), `Request.iter_sync()` for threads.
+cancelled rows, admits waiting requests (prefilled several per forward pass, their KV caches merged
+into the running batch; a prompt that breaks the forward fails alone), and after the step retires
+finished rows, so a new request never waits for the whole batch to finish. Results travel to
+callers as `Delta`s: `Request.stream()` for asyncio code (woken with `loop.call_soon_threadsafe`,
+once per event loop per decode step), `Request.iter_sync()` for threads.
 """
 
 from __future__ import annotations
