@@ -114,3 +114,15 @@ def test_the_check_tells_a_different_model_apart(decisive_models, tokenizer_dir,
     assert c.compared_tokens >= 3 * 8  # the answers are long enough to compare
     assert c.identical_answers < 3 and c.token_agreement < 0.5
     assert c.first_difference is not None and " | export: " in c.first_difference
+
+
+def test_an_export_the_runtime_cannot_run_is_a_clear_error(tokenizer_dir, tmp_path, capsys):
+    # 8-dimensional heads: the builder writes the graph, but ONNX Runtime GenAI's attention
+    # kernel needs head sizes that are multiples of 16.
+    model = build_tiny_model(tmp_path / "m", tokenizer_dir, "llama", num_attention_heads=8)
+    out = tmp_path / "onnx"
+    code = main(["export", str(model), "--output", str(out), "--precision", "fp32"])
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "cannot run this export" in errors[0] and "multiple of 16" in errors[0]

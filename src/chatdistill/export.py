@@ -171,6 +171,12 @@ class ExportCheck:
         return asdict(self)
 
 
+def _brief(error: Exception) -> str:
+    """The runtime's message without its node bookkeeping: the part after 'Status Message:'."""
+    text = " ".join(str(error).split())
+    return text.split("Status Message:")[-1].strip() or type(error).__name__
+
+
 def _eos_ids(export_dir: Path) -> set[int]:
     cfg = json.loads((export_dir / "genai_config.json").read_text())
     eos = cfg.get("model", {}).get("eos_token_id", [])
@@ -239,16 +245,21 @@ def check_export(
     eos = _eos_ids(export_dir)
     prompts = [engine.encode_chat(c) for c in chats]
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    # Warm-up on both sides (lazy kernel and thread-pool set-up is not decode speed).
+    # Warm-up (lazy kernel and thread-pool set-up is not decode speed).
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=2), batch_size=1)
-    _export_answer(og, exported, prompts[0], 2, eos)
     started = time.perf_counter()
     ref = [c.token_ids for c in engine.generate(prompts, params, batch_size=1)]
     model_s = time.perf_counter() - started
-    started = time.perf_counter()
-    got = [_export_answer(og, exported, p, max_new_tokens, eos) for p in prompts]
-    export_s = time.perf_counter() - started
-    hits = sum(_agreement(og, exported, p, a) for p, a in zip(prompts, ref, strict=True))
+    try:
+        _export_answer(og, exported, prompts[0], 2, eos)  # warm-up
+        started = time.perf_counter()
+        got = [_export_answer(og, exported, p, max_new_tokens, eos) for p in prompts]
+        export_s = time.perf_counter() - started
+        hits = sum(_agreement(og, exported, p, a) for p, a in zip(prompts, ref, strict=True))
+    except Exception as e:  # the runtime's own errors (unsupported shapes, operators)
+        raise UserError(
+            f"{export_dir}: ONNX Runtime GenAI cannot run this export ({_brief(e)})"
+        ) from e
     compared = sum(len(a) for a in ref)
     texts = [engine.tokenizer.decode(a, skip_special_tokens=True) for a in ref]
     export_texts = [engine.tokenizer.decode(b, skip_special_tokens=True) for b in got]
