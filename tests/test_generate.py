@@ -12,6 +12,7 @@ from chatdistill.generate import (
     Sequence,
     TextStream,
     _filtered_probs,
+    cache_argument,
     prefill_group,
     sample_next,
 )
@@ -129,7 +130,8 @@ def _prefill(engine, prompt):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = engine.model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+    kwargs = {cache_argument(engine.model): cache}
+    out = engine.model(input_ids=torch.tensor([prompt]), use_cache=True, **kwargs)
     return cache, torch.ones(1, len(prompt), dtype=torch.long), out.logits[:, -1].argmax(-1)
 
 
@@ -346,3 +348,21 @@ def test_text_stream_holds_back_a_possible_stop_string(tokenizer):
     assert stream.flush() == ""
     kept = tokenizer.decode(ids[: stream.tokens_before_stop()])
     assert kept in ("The lamp costs 12", "The lamp costs 12 ")
+
+
+def test_cache_argument_is_the_one_the_model_takes_without_a_warning(engines):
+    import warnings
+
+    from transformers import DynamicCache
+
+    for engine in engines.values():
+        kwargs = {cache_argument(engine.model): DynamicCache()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            engine.model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **kwargs)
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return input_ids
+
+    assert cache_argument(OldStyle()) == "past_key_values"

@@ -9,6 +9,7 @@ running batch; the server's `Scheduler` drives the same class from a thread.
 
 from __future__ import annotations
 
+import inspect
 import time
 from bisect import bisect_right
 from collections import deque
@@ -26,6 +27,13 @@ from chatdistill.kv_cache import GrowingCache
 _CONTEXT_TOKENS = 6
 # A UTF-8 character is at most 4 bytes: after that many undecodable tokens, emit the text as is.
 _MAX_HELD_TOKENS = 4
+
+
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.24 (where
+    `past_key_values` is deprecated), `past_key_values` before and in remote-code models."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass
@@ -260,6 +268,7 @@ class DecodeBatch:
     def __init__(self, engine: Engine) -> None:
         self.model = engine.model
         self.device = engine.device
+        self.cache_arg = cache_argument(engine.model)
         self._clear()
 
     def _clear(self) -> None:
@@ -296,7 +305,7 @@ class DecodeBatch:
             input_ids=ids,
             attention_mask=mask if int(lengths.min()) < width else None,
             position_ids=(mask.cumsum(1) - 1).clamp_(min=0),
-            past_key_values=cache,
+            **{self.cache_arg: cache},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -346,7 +355,7 @@ class DecodeBatch:
             # Without padding the model's own causal mask is right and cheaper to build.
             attention_mask=self.mask if self.padded else None,
             position_ids=self.positions[:, None],
-            past_key_values=self.cache,
+            **{self.cache_arg: self.cache},
             use_cache=True,
         )
         self.positions = self.positions + 1
