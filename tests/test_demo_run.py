@@ -37,6 +37,11 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     labelled = (out / "data" / "labelled.jsonl").read_text().splitlines()
     assert len(labelled) == 12
     assert any("chatdistill serve" in line for line in lines)
+    table = next(line for line in lines if "held-out CE" in line).strip().splitlines()
+    assert [row.split()[0] for row in table[3:6]] == [
+        "kd_student", "baseline_sft_labelled", "baseline_sft_all"
+    ]  # fmt: skip
+    assert any("evaluating student kd_student" in line for line in lines)
     # The printed export command works as printed (int4 ONNX export plus its check).
     export_cmd = next(x for x in "\n".join(lines).splitlines() if "chatdistill export" in x)
     argv = shlex.split(export_cmd.split("  ", 1)[1])[1:] + ["--check-chats", "3"]

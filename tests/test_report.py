@@ -6,11 +6,13 @@ import pytest
 from browser import CHROMIUM, DRIVER, MISSING, headless_chromium
 
 from chatdistill.report import (
+    headline,
     print_tables,
     read_training_log,
     render_html,
     render_markdown,
     tables,
+    text_table,
     write_model_card,
     write_reports,
 )
@@ -81,6 +83,21 @@ def results(tmp_path):
         ],
         "training_logs": {"student": str(log)},
     }
+
+
+def test_headline_puts_size_and_speed_against_the_teacher(results):
+    results["models"][1]["cost"]["decode_tokens_per_s_batch1"] = 200.0
+    results["models"][1]["kept"]["accuracy"] = 97.25
+    headers, rows = headline(results)
+    by_name = {r[0]: dict(zip(headers, r, strict=True)) for r in rows}
+    assert by_name["big"]["params"] == "2.00M 1.00x" and by_name["big"]["kept"] == "–"
+    student = by_name["student"]
+    assert student["params"] == "500.00K 0.25x"
+    assert student["speed"] == "2.50x" and student["decode tok/s"] == "200"
+    assert student["held-out CE"] == "2.500" and student["kept"] == "97.2%"
+    lines = text_table(headers, rows).splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines[:2]}) == 1
+    assert lines[3].startswith("student ") and lines[3].endswith("97.2%")
 
 
 def test_tables_cover_quality_fidelity_kept_and_cost(results):

@@ -191,7 +191,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
     )
     console = Console(stderr=True)
-    results = evaluate(cfg, console=console)
+    results = evaluate(cfg, say=console.print)
     print_tables(results, Console())
     console.print(f"wrote {args.output}/results.json, summary.md, report.html")
 

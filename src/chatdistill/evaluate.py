@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -419,9 +420,10 @@ def _recipe(student_dir: str) -> dict:
     return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 
 
-def evaluate(cfg: EvalConfig, console=None) -> dict:
+def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
     """Evaluate teacher, students and baseline; write results.json, summary.md, report.html and
-    the students' model cards into cfg.output; return the results dict."""
+    the students' model cards into cfg.output; return the results dict. `say` gets progress
+    lines."""
     from chatdistill import report
     from chatdistill.generate import Engine
     from chatdistill.models import check_vocab, load_tokenizer
@@ -446,7 +448,7 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
         if not Path(p).is_file():
             raise UserError(f"--metrics-jsonl {p}: file not found")
     rows = load_rows(cfg.data)[: cfg.max_samples]
-    say = console.print if console else (lambda *a, **k: None)
+    say = say or (lambda _msg: None)
     # Tokenizers first: a mismatched student fails in seconds, before any model runs.
     teacher_tok = load_tokenizer(cfg.teacher, "--teacher")
     for _, path, flag in roles[1:]:

@@ -123,6 +123,49 @@ def tables(results: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     return out
 
 
+def _ratio(x: float | None, base: float | None) -> str:
+    return DASH if not x or not base else f"{x / base:.2f}x"
+
+
+def headline(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per model with what a distillation is judged on: its size, speed and memory
+    against the teacher's, and the quality it kept (held-out CE, answer accuracy)."""
+    teacher = next(m for m in results["models"] if m["role"] == "teacher")
+    t_cost = teacher["cost"]
+    headers = ["model", "params", "disk MB", "peak MB", "decode tok/s", "speed", "held-out CE",
+               "accuracy %", "kept"]  # fmt: skip
+    rows = []
+    for m in results["models"]:
+        cost, quality = m["cost"], m["quality"]
+        decode = cost["decode_tokens_per_s_batch1"]
+        rows.append([
+            m["name"],
+            f"{_count(cost['parameters'])} {_ratio(cost['parameters'], t_cost['parameters'])}",
+            _mb(cost["size_on_disk_bytes"]),
+            _num(cost["peak_memory_mb"], 1),
+            _num(decode, 0),
+            _ratio(decode, t_cost["decode_tokens_per_s_batch1"]),
+            _num(quality["ce"], 3),
+            _num(quality["accuracy"], 1),
+            _pct((m["kept"] or {}).get("accuracy")) if m["role"] != "teacher" else DASH,
+        ])  # fmt: skip
+    return headers, rows
+
+
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain fixed-width table (first column left-aligned, the rest right-aligned)."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *map(line, rows)])
+
+
 def print_tables(results: dict, console=None) -> None:
     """Print the summary tables with rich."""
     from rich.console import Console
