@@ -75,3 +75,42 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
 def test_bad_labelled_fraction(tmp_path, tiny_teacher):
     with pytest.raises(UserError, match="outside"):
         run_demo(DemoConfig(output=str(tmp_path), teacher=str(tiny_teacher), labelled_fraction=0))
+
+
+@pytest.mark.slow
+def test_interrupted_demo_continues_on_rerun(tmp_path, tiny_teacher, monkeypatch, capsys):
+    import chatdistill.train as train_mod
+
+    real_update = train_mod.TrainProgress.update
+
+    def ctrl_c_at_step_2(self, record):
+        real_update(self, record)
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    cfg = DemoConfig(
+        output=str(tmp_path / "demo"), teacher=str(tiny_teacher), train_rows=40, steps=3,
+        batch_size=8, eval_samples=4, labelled_fraction=0.2,
+    )  # fmt: skip
+    lines: list[str] = []
+    monkeypatch.setattr(train_mod.TrainProgress, "update", ctrl_c_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(cfg, say=lines.append)
+    assert "[interrupted] rerun the same command to continue" in lines[-1]
+    kd = tmp_path / "demo" / "kd_student"
+    assert (kd / "checkpoints" / "step-0000002").is_dir() and not _done_files(kd)
+
+    monkeypatch.setattr(train_mod.TrainProgress, "update", real_update)
+    capsys.readouterr()
+    lines.clear()
+    results = run_demo(cfg, say=lines.append)
+    assert "resumed from" in capsys.readouterr().out and _done_files(kd)
+    steps = [json.loads(x)["step"] for x in (kd / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 3
+    assert len(results["models"]) == 4
+
+
+def _done_files(model_dir):
+    return (model_dir / "model.safetensors").is_file() and (
+        model_dir / "train_summary.json"
+    ).is_file()

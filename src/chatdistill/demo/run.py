@@ -195,6 +195,12 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         results = _run(cfg, stamped)
         stamped("[done]")
         return results
+    except KeyboardInterrupt:
+        stamped(
+            "[interrupted] rerun the same command to continue: finished stages are reused and "
+            "an interrupted training resumes from its last checkpoint"
+        )
+        raise
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise UserError(
