@@ -5,7 +5,16 @@ split, with the demo tokenizer. The result is copied into `src/chatdistill/asset
 (safetensors, tokenizer, chat template, the recipe and its metrics), which `chatdistill demo`
 uses. Deterministic for a seed on the same machine and torch version.
 
-    python scripts/train_demo_teacher.py [--steps 1000] [--seed 0] [--work runs/demo-teacher]
+The support-desk rows appear `--support-repeat` times per epoch (small talk once): its facts need
+many passes to be learnt from the ~7 rows stating each, while more passes over the small talk
+only memorise human replies that no model predicts, which ruins held-out CE.
+
+`--shape student` trains the demo student's shape with the same recipe instead and leaves it in
+`--work` (nothing is installed): the model the teacher has to beat clearly, since a teacher no
+better than a student-sized model trained the same way has nothing to distil.
+
+    python scripts/train_demo_teacher.py [--steps 3000] [--seed 0] [--work runs/demo-teacher]
+        [--support-repeat 3] [--shape teacher|student]
 """
 
 import argparse
@@ -16,7 +25,9 @@ from pathlib import Path
 from transformers import AutoTokenizer, LlamaConfig
 
 from chatdistill.config import load_distill_config
-from chatdistill.demo.data import demo_asset_dir
+from chatdistill.data import load_rows
+from chatdistill.demo.data import demo_asset_dir, jsonl_text
+from chatdistill.demo.run import STUDENT_SHAPE
 from chatdistill.train import train
 
 SHAPE = dict(
@@ -35,9 +46,11 @@ KEEP = ("config.json", "generation_config.json", "model.safetensors", "tokenizer
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--support-repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/demo-teacher")
+    ap.add_argument("--shape", choices=["teacher", "student"], default="teacher")
     args = ap.parse_args()
     assets = demo_asset_dir()
     work = Path(args.work)
@@ -46,14 +59,18 @@ def main() -> None:
     cfg_file = work / "teacher_config.json"
     config = LlamaConfig(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **SHAPE,
+        pad_token_id=tok.pad_token_id, **(SHAPE if args.shape == "teacher" else STUDENT_SHAPE),
     )  # fmt: skip
     cfg_file.write_text(json.dumps(config.to_dict()))
+    rows = load_rows(assets / "train.jsonl")
+    support = [r for r in rows if r.get("source") == "support"]
+    mix = work / "train_mix.jsonl"
+    mix.write_text(jsonl_text(rows + support * (args.support_repeat - 1)), encoding="utf-8")
     overrides = {
         "output": str(work / "model"),
         "student_config": str(cfg_file),
         "tokenizer": str(assets / "tokenizer"),
-        "data.train": str(assets / "train.jsonl"),
+        "data.train": str(mix),
         "data.validation": str(assets / "validation.jsonl"),
         "data.max_length": 256,
         "loss.kind": "sft",
@@ -71,6 +88,11 @@ def main() -> None:
     cfg = load_distill_config(None, overrides)
     resume = (work / "model" / "checkpoints").is_dir()
     out = train(cfg, resume=resume)
+    if args.shape == "student":
+        print(
+            f"student-shaped model in {out}; compare it with the teacher through `chatdistill eval`"
+        )
+        return
     dest = assets / "teacher"
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir()
