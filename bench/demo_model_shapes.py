@@ -23,6 +23,7 @@ SHAPES = {
     "student-128x2": (128, 2, 4, 2, 384),
     "student-160x3": (160, 3, 4, 2, 480),
     "student-192x2": (192, 2, 4, 2, 576),
+    "student-256x1": (256, 1, 8, 4, 704),  # the demo's student
 }
 
 

@@ -6,6 +6,7 @@ On the demo's data (seed 0 by default: the same labelled subset, prompts and tea
   offpolicy_t2   forward KL at T=2 mixed half and half with CE, from a top-32 cache (the classic
                  Hinton mix; the demo's first default)
   offpolicy_t1   forward KL at T=1 with CE weight 0.8, from a top-32 cache
+  jsd            generalised JSD (beta 0.5) at T=1 alone, no CE, from the same top-32 cache
   seqkd          CE only on the teacher's greedy answers + the labelled rows (sequence-level KD)
   onpolicy       live teacher; a quarter of the steps on the student's own samples (forward KL
                  at T=1), the rest as offpolicy_t1 on reference answers
@@ -31,6 +32,7 @@ from chatdistill.train import train
 RECIPES = {
     "offpolicy_t2": {"temperature": 2.0, "ce_weight": 0.5},
     "offpolicy_t1": {"temperature": 1.0, "ce_weight": 0.8},
+    "jsd": {"temperature": 1.0, "ce_weight": 0.0, "divergence": "jsd"},
     "seqkd": {"ce_weight": 1.0},
     "onpolicy": {"temperature": 1.0, "ce_weight": 0.8, "on_policy": 0.25},
 }

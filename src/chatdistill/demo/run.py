@@ -55,6 +55,8 @@ class DemoConfig:
     ce_weight: float = 0.8
     """CE on the teacher's answers and the labelled rows vs forward KL to its logits; 1 = CE only
     (sequence-level KD, no cache). bench/demo_recipes.py compares the recipes."""
+    divergence: str = "fkl"
+    """the KD term against the cached teacher log-probs (any `--loss` but sft)"""
     top_k: int = 32
     eval_samples: int = 200
     """test conversations evaluated (from the start of the shuffled test split)"""
@@ -258,11 +260,12 @@ def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
 
 def kd_recipe(cfg: DemoConfig, inputs: KDInputs) -> dict:
     """The KD student's overrides: CE on the teacher's answers and the labelled rows, mixed with
-    forward KL to the cached teacher logits (or CE alone, sequence-level KD, at ce_weight 1)."""
+    a divergence (forward KL by default) to the cached teacher logits (or CE alone,
+    sequence-level KD, at ce_weight 1)."""
     recipe = {**inputs.common, "data.train": str(inputs.kd_data)}
     if inputs.cache is None:
         return {**recipe, "loss.kind": "sft"}
-    return {**recipe, "teacher_cache": str(inputs.cache), "loss.kind": "fkl",
+    return {**recipe, "teacher_cache": str(inputs.cache), "loss.kind": cfg.divergence,
             "loss.temperature": cfg.temperature, "loss.ce_weight": cfg.ce_weight}  # fmt: skip
 
 
