@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -484,12 +485,19 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
     method = "not measured (--no-memory)"
     for e in entries:
         e["cost"]["peak_memory_mb"] = None
-        if cfg.memory:
-            say(f"measuring peak memory of {e['name']} ...")
+    if cfg.memory:
+        say(f"measuring peak memory of {', '.join(e['name'] for e in entries)} ...")
+        probes = []
+        for e in entries:
             tok = load_tokenizer(e["path"])
             prompt_ids = [render_prompt(tok, it.prompt) for it in items[: cfg.batch_size]]
-            e["cost"]["peak_memory_mb"], key = memory_probe(e["path"], prompt_ids, cfg)
-            method = MEMORY_METHODS[key]
+            probes.append((e["path"], prompt_ids, cfg))
+        # One fresh process per model; they share nothing, so run as many at once as there are
+        # cores (their start-up, mostly importing torch, is most of the time).
+        with ThreadPoolExecutor(max_workers=max(1, min(len(probes), os.cpu_count() or 1))) as pool:
+            measured = list(pool.map(lambda args: memory_probe(*args), probes))
+        for e, (peak, key) in zip(entries, measured, strict=True):
+            e["cost"]["peak_memory_mb"], method = peak, MEMORY_METHODS[key]
 
     by_role = {e["role"]: e for e in entries}
     for e in entries:
