@@ -28,9 +28,10 @@ from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, t
 from chatdistill.errors import UserError
 
 # 0.24x the teacher's parameters in one layer of the teacher's width: at batch 1 on a CPU a decode
-# step is mostly per-layer and per-call overhead, so one layer decodes ~4x faster than the
-# teacher's eight, where two layers of 192 (as many parameters, more accurate) reached only ~2.9x.
-# Heads of 32 dimensions: ONNX Runtime GenAI's attention needs a multiple of 16 (for the export).
+# step of a model this small is mostly per-layer and per-call work, so one layer decodes 4-6x
+# faster than the teacher's eight, where two layers of 192 (as many parameters, as accurate)
+# reached only 2.9x on some CPUs. Heads of 32 dimensions: ONNX Runtime GenAI's attention needs a
+# multiple of 16 (for the export).
 STUDENT_SHAPE = dict(
     hidden_size=256,
     num_hidden_layers=1,
