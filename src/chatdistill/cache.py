@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chatdistill import atomic
 from chatdistill.config import DistillConfig
 from chatdistill.data import (
     Dataset,
@@ -99,15 +100,6 @@ def id_dtype(vocab_size: int) -> type:
 
 
 # ---------------------------------------------------------------------------------------- reading
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_meta(cache_dir: str | Path) -> dict:
@@ -337,14 +329,11 @@ def _teacher_sparse(base, head, batch: dict, vocab: int, meta: dict, generator, 
 def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(arrays, str(tmp), metadata={"format": FORMAT})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files readable by the owner only
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        save_file(arrays, str(tmp), metadata={"format": FORMAT})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files readable by the owner only
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself survives a power cut
@@ -433,7 +422,7 @@ def write_cache(
                 )
         meta["completed"] = [f for f in old["completed"] if _shard_ok(out / f)]
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / META, json.dumps(meta, indent=1).encode())
+    atomic.write_bytes(out / META, json.dumps(meta, indent=1).encode())
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
@@ -450,7 +439,7 @@ def write_cache(
             arrays = _shard_arrays(exs, (base, head), tokenizer, vocab, meta, batch_size, gen, bar)
             _write_shard(out / shard["file"], arrays)
             meta["completed"].append(shard["file"])
-            _atomic_write(out / META, json.dumps(meta, indent=1).encode())
+            atomic.write_bytes(out / META, json.dumps(meta, indent=1).encode())
     finally:
         bar.close()
     return meta

@@ -45,12 +45,19 @@ def save_checkpoint(accelerator, output: Path, step: int, state: dict, keep_last
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / STATE).write_text(json.dumps({**state, "step": step}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        # A half-written checkpoint is never resumed from; removing it gives a full disk its
+        # space back.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in list_checkpoints(output)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -67,8 +74,12 @@ def save_final_model(model, tokenizer, output: Path) -> None:
     """save_pretrained into a temporary dir, then move each file into `output` with a rename."""
     tmp = output / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for f in tmp.iterdir():
         os.replace(f, output / f.name)
     tmp.rmdir()

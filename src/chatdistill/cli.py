@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from chatdistill import __version__
 from chatdistill.allocator import keep_freed_memory
-from chatdistill.errors import UserError
+from chatdistill.errors import UserError, failed_write, free_space
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
@@ -448,7 +448,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        reason = failed_write(e)
+        if reason is None:
+            raise
+        target = getattr(args, "output", None) or "the output directory"
+        print(
+            f"error: {reason} while writing {target}{free_space(target)}; free some space and run "
+            f"the same command again: {AFTER_A_FAILED_WRITE[args.command]}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+# What a rerun does after a write failed part-way (every command writes atomically).
+AFTER_A_FAILED_WRITE = {
+    "distill": "with --resume it continues from the last checkpoint",
+    "cache-teacher": "it keeps the finished shards and continues",
+    "generate-data": "it keeps the answers written so far and continues",
+    "demo": "finished stages are kept and an interrupted training resumes",
+    "eval": "nothing it wrote is half-finished",
+    "export": "nothing half-written is left in place",
+    "serve": "",
+    "chat": "",
+}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """The one exception type for mistakes a user can fix.
 
 The CLI prints a `UserError` as a single line (`error: ...`) and exits with status 2; everything
-else is a bug and keeps its traceback. Messages say what was wrong, where, and what to do.
+else is a bug and keeps its traceback. Messages say what was wrong, where, and what to do. A write
+the disk refused (`failed_write`) is not a bug either: the CLI reports it in one line too.
 """
+
+import errno
+import shutil
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -17,3 +22,38 @@ def where(path: object, line: int | None = None, field: str | None = None) -> st
     if field:
         loc += f" ({field})"
     return loc
+
+
+# Libraries that drop the errno of a failed write: safetensors keeps the OS message,
+# torch.save only says its stream failed.
+_DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_WRITE_FAILED = ("iostream error", "file write failed", "PytorchStreamWriter failed")
+
+
+def failed_write(exc: BaseException) -> str | None:
+    """What went wrong when `exc` (or an exception it was raised from) is a write the disk
+    refused; None for anything else."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "no space left on the device"
+        message = str(e)
+        if any(m in message for m in _DISK_FULL):
+            return "no space left on the device"
+        if any(m in message for m in _WRITE_FAILED):
+            return "a file could not be written (is the disk full?)"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def free_space(path: object) -> str:
+    """`, N MB free there` for the filesystem holding `path` (or its nearest existing parent)."""
+    p = Path(str(path)).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f", {shutil.disk_usage(p).free / 2**20:,.0f} MB free there"
+    except OSError:
+        return ""

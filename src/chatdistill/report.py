@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from chatdistill import atomic
+
 # ---------------------------------------------------------------------------------------------
 # Formatting and table definitions shared by the terminal, Markdown and HTML
 # ---------------------------------------------------------------------------------------------
@@ -460,9 +462,9 @@ def write_reports(results: dict, output: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "summary": out / "summary.md"}
     paths["report"] = out / "report.html"
-    paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    paths["summary"].write_text(render_markdown(results), encoding="utf-8")
-    paths["report"].write_text(render_html(results, load_logs(results)), encoding="utf-8")
+    atomic.write_text(paths["results"], json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(paths["summary"], render_markdown(results))
+    atomic.write_text(paths["report"], render_html(results, load_logs(results)))
     return paths
 
 
@@ -576,5 +578,5 @@ def write_model_card(
         "",
     ]
     path = d / "README.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic.write_text(path, "\n".join(lines))
     return path

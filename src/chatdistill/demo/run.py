@@ -13,9 +13,7 @@ human-written answers (`labelled_fraction` of the train rows). Stages, each reus
 6. evaluation of all four on the test split: results.json, summary.md, report.html.
 """
 
-import errno
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, LlamaConfig
 
+from chatdistill import atomic
 from chatdistill.data import load_rows, render_prompt
 from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, to_prompts
 from chatdistill.errors import UserError
@@ -71,9 +70,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     """Atomic write that leaves an identical file alone (so later stages stay reusable)."""
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def _assets(cfg: DemoConfig) -> Path:
@@ -160,7 +157,10 @@ def _train(name: str, out: Path, overrides: dict, say) -> Path:
         say(f"[{name}] reusing {model_dir}")
         return model_dir
     say(f"[{name}] training")
-    return train(cfg, resume=(model_dir / "checkpoints").is_dir())
+    out_dir = train(cfg, resume=(model_dir / "checkpoints").is_dir())
+    # Checkpoints only serve a resume; a finished stage is reused from its final model.
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return out_dir
 
 
 def _common(cfg: DemoConfig, paths: dict, student_config: Path, teacher: Path) -> dict:
@@ -203,13 +203,6 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
             "[interrupted] rerun the same command to continue: finished stages are reused and "
             "an interrupted training resumes from its last checkpoint"
         )
-        raise
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise UserError(
-                f"disk full while writing under {cfg.output}; free some space and rerun "
-                "`make demo`: finished stages are kept and the rest continues"
-            ) from None
         raise
 
 
