@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shlex
+import shutil
 
 import pytest
 
@@ -114,3 +115,13 @@ def _done_files(model_dir):
     return (model_dir / "model.safetensors").is_file() and (
         model_dir / "train_summary.json"
     ).is_file()
+
+
+def test_missing_bundled_file_is_a_clear_error(tmp_path, monkeypatch):
+    import chatdistill.demo.run as demo_run
+
+    assets = tmp_path / "assets"
+    shutil.copytree(demo_asset_dir(), assets, ignore=shutil.ignore_patterns("model.safetensors"))
+    monkeypatch.setattr(demo_run, "demo_asset_dir", lambda: assets)
+    with pytest.raises(UserError, match="bundled demo file missing: .*teacher/model.safetensors"):
+        run_demo(DemoConfig(output=str(tmp_path / "out")))
