@@ -11,10 +11,11 @@ only memorise human replies that no model predicts, which ruins held-out CE.
 
 `--shape student` trains the demo student's shape with the same recipe instead and leaves it in
 `--work` (nothing is installed): the model the teacher has to beat clearly, since a teacher no
-better than a student-sized model trained the same way has nothing to distil.
+better than a student-sized model trained the same way has nothing to distil. `--no-install`
+leaves a teacher there too (other seeds, for `bench/demo_teacher_vs_student.py`).
 
-    python scripts/train_demo_teacher.py [--steps 3000] [--seed 0] [--work runs/demo-teacher]
-        [--support-repeat 3] [--shape teacher|student]
+    python scripts/train_demo_teacher.py [--steps 2000] [--seed 0] [--work runs/demo-teacher]
+        [--support-repeat 3] [--shape teacher|student] [--no-install]
 """
 
 import argparse
@@ -51,6 +52,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/demo-teacher")
     ap.add_argument("--shape", choices=["teacher", "student"], default="teacher")
+    ap.add_argument(
+        "--no-install", action="store_true", help="leave the model in --work, bundle nothing"
+    )
     args = ap.parse_args()
     assets = demo_asset_dir()
     work = Path(args.work)
@@ -88,10 +92,8 @@ def main() -> None:
     cfg = load_distill_config(None, overrides)
     resume = (work / "model" / "checkpoints").is_dir()
     out = train(cfg, resume=resume)
-    if args.shape == "student":
-        print(
-            f"student-shaped model in {out}; compare it with the teacher through `chatdistill eval`"
-        )
+    if args.shape == "student" or args.no_install:
+        print(f"{args.shape}-shaped model in {out}; nothing bundled")
         return
     dest = assets / "teacher"
     shutil.rmtree(dest, ignore_errors=True)
