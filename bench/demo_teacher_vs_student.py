@@ -23,7 +23,7 @@ from pathlib import Path
 
 from chatdistill.data import load_rows
 from chatdistill.demo.data import demo_asset_dir
-from chatdistill.evaluate import EvalConfig, answer_all, prepare_items, score
+from chatdistill.evaluate import EvalConfig, answer_all, pad_id, prepare_items, score, text_quality
 from chatdistill.generate import Engine
 from chatdistill.metrics import answer_correct
 
@@ -59,10 +59,9 @@ def split_scores(engine: Engine, split: str) -> dict[str, float]:
             asked[wording] += 1
             right[wording] += answer_correct(a, it.answer)
     examples = [it.example for it in items if it.example is not None]
-    ce = score(engine.model, examples, 32, engine.tokenizer.pad_token_id or 0).ce
     return {
-        "accuracy": 100 * sum(right.values()) / sum(asked.values()),
-        "ce": ce,
+        "accuracy": text_quality(answers, items)["accuracy"],
+        "ce": score(engine.model, examples, 32, pad_id(engine.tokenizer)).ce,
         "wordings": sum(2 * right[w] >= asked[w] for w in asked),
         "wordings_of": len(asked),
     }

@@ -453,9 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason is None:
             raise
         target = getattr(args, "output", None) or "the output directory"
+        after = AFTER_A_FAILED_WRITE.get(args.command)
         print(
             f"error: {reason} while writing {target}{free_space(target)}; free some space and run "
-            f"the same command again: {AFTER_A_FAILED_WRITE[args.command]}",
+            "the same command again" + (f": {after}" if after else ""),
             file=sys.stderr,
         )
         return 2
@@ -470,8 +471,6 @@ AFTER_A_FAILED_WRITE = {
     "demo": "finished stages are kept and an interrupted training resumes",
     "eval": "nothing it wrote is half-finished",
     "export": "nothing half-written is left in place",
-    "serve": "",
-    "chat": "",
 }
 
 

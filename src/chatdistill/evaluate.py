@@ -370,14 +370,17 @@ def _free(engine) -> None:
         torch.cuda.empty_cache()
 
 
+def pad_id(tokenizer) -> int:
+    """The id scoring pads batches with: the tokenizer's pad, else its end of sequence, else 0."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
 def _evaluate_one(engine, items, cfg, teacher=None, vocab=None, teacher_answers=None) -> tuple:
     """Quality, fidelity and cost of one loaded model; returns (entry fields, answers)."""
     from chatdistill.models import count_parameters
 
     examples = [it.example for it in items if it.example is not None]
-    tok = engine.tokenizer
-    pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
-    sums = score(engine.model, examples, cfg.batch_size, pad_id, teacher, vocab)
+    sums = score(engine.model, examples, cfg.batch_size, pad_id(engine.tokenizer), teacher, vocab)
     answers = answer_all(engine, [it.prompt for it in items], cfg)
     quality = {
         "ce": sums.ce,
@@ -491,11 +494,11 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
         for e in entries:
             tok = load_tokenizer(e["path"])
             prompt_ids = [render_prompt(tok, it.prompt) for it in items[: cfg.batch_size]]
-            probes.append((e["path"], prompt_ids, cfg))
+            probes.append((e["path"], prompt_ids))
         # One fresh process per model; they share nothing, so run as many at once as there are
         # cores (their start-up, mostly importing torch, is most of the time).
         with ThreadPoolExecutor(max_workers=max(1, min(len(probes), os.cpu_count() or 1))) as pool:
-            measured = list(pool.map(lambda args: memory_probe(*args), probes))
+            measured = list(pool.map(lambda probe: memory_probe(*probe, cfg), probes))
         for e, (peak, key) in zip(entries, measured, strict=True):
             e["cost"]["peak_memory_mb"], method = peak, MEMORY_METHODS[key]
 
