@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from chatdistill.cli import main
+from chatdistill.errors import unusable_output
 from chatdistill.tokenizer import train_bpe_tokenizer
 
 from conftest import build_tiny_model, write_jsonl
@@ -57,6 +58,29 @@ def _with(args, flag, value):
 def test_missing_data_file(capsys, base, tmp_path):
     code, err = _run(capsys, *_with(base, "--data", str(tmp_path / "nope.jsonl")))
     assert code == 2 and err == f"error: {tmp_path / 'nope.jsonl'}: data file not found"
+
+
+def test_output_that_cannot_be_created_is_one_line(capsys, base, tmp_path, chat_file):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, err = _run(capsys, *_with(base, "--output", str(blocker / "out")))
+    assert code == 2 and err.startswith(f"error: --output {blocker / 'out'}: cannot write there")
+    assert "\n" not in err
+    # generate-data writes a sibling of its --output first; the same rule names it.
+    gen = ["generate-data", "--teacher", base[2], "--prompts", str(chat_file),
+           "--output", str(blocker / "answers.jsonl")]  # fmt: skip
+    code, err = _run(capsys, *gen)
+    assert code == 2 and f"--output {blocker / 'answers.jsonl'}: cannot write there" in err
+
+
+def test_unusable_output_is_only_about_the_output(tmp_path):
+    missing_input = FileNotFoundError(2, "No such file or directory", str(tmp_path / "in.jsonl"))
+    assert unusable_output(missing_input, tmp_path / "out") is None
+    inside = NotADirectoryError(20, "Not a directory", str(tmp_path / "out" / "data"))
+    assert unusable_output(inside, tmp_path / "out") == f"Not a directory: {tmp_path}/out/data"
+    assert unusable_output(inside, None) is None
+    parent_is_a_file = FileExistsError(17, "File exists", str(tmp_path))
+    assert unusable_output(parent_is_a_file, tmp_path / "out") == f"File exists: {tmp_path}"
 
 
 def test_line_that_is_not_json(capsys, base, tmp_path, chat_rows):

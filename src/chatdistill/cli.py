@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from chatdistill import __version__
 from chatdistill.allocator import keep_freed_memory
-from chatdistill.errors import UserError, failed_write, free_space
+from chatdistill.errors import UserError, failed_write, free_space, unusable_output
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
@@ -449,10 +449,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        output = getattr(args, "output", None)
+        refused = unusable_output(e, output)
+        if refused is not None:
+            print(f"error: --output {output}: cannot write there ({refused})", file=sys.stderr)
+            return 2
         reason = failed_write(e)
         if reason is None:
             raise
-        target = getattr(args, "output", None) or "the output directory"
+        target = output or "the output directory"
         after = AFTER_A_FAILED_WRITE.get(args.command)
         print(
             f"error: {reason} while writing {target}{free_space(target)}; free some space and run "

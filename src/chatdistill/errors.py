@@ -2,7 +2,8 @@
 
 The CLI prints a `UserError` as a single line (`error: ...`) and exits with status 2; everything
 else is a bug and keeps its traceback. Messages say what was wrong, where, and what to do. A write
-the disk refused (`failed_write`) is not a bug either: the CLI reports it in one line too.
+the disk refused (`failed_write`) or an output path the OS refuses (`unusable_output`) is not a
+bug either: the CLI reports each in one line too.
 """
 
 import errno
@@ -30,13 +31,20 @@ _DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "
 _WRITE_FAILED = ("iostream error", "file write failed", "PytorchStreamWriter failed")
 
 
-def failed_write(exc: BaseException) -> str | None:
-    """What went wrong when `exc` (or an exception it was raised from) is a write the disk
-    refused; None for anything else."""
+def _chain(exc: BaseException):
+    """`exc` and the exceptions it was raised from or while handling, each once."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def failed_write(exc: BaseException) -> str | None:
+    """What went wrong when `exc` (or an exception it was raised from) is a write the disk
+    refused; None for anything else."""
+    for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return "no space left on the device"
         message = str(e)
@@ -44,7 +52,29 @@ def failed_write(exc: BaseException) -> str | None:
             return "no space left on the device"
         if any(m in message for m in _WRITE_FAILED):
             return "a file could not be written (is the disk full?)"
-        e = e.__cause__ or e.__context__
+    return None
+
+
+_UNUSABLE = (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+             errno.EISDIR)  # fmt: skip
+
+
+def unusable_output(exc: BaseException, output: object) -> str | None:
+    """`strerror: path` when `exc` (or one it came from) is the OS refusing a path on the way to
+    `output`, at it, or beside it (siblings it names, such as `OUT.generate.json`): a parent that
+    is a file, a read-only or forbidden place. None for anything else."""
+    if not output:
+        return None
+    out = Path(str(output)).absolute()
+    for e in _chain(exc):
+        name = getattr(e, "filename", None)
+        if not (isinstance(e, OSError) and e.errno in _UNUSABLE and name):
+            continue
+        path = Path(str(name)).absolute()
+        # EEXIST only for a parent that is a file: an existing path inside the output is a bug.
+        beside = str(path).startswith(str(out)) and e.errno != errno.EEXIST
+        if beside or path in out.parents:
+            return f"{e.strerror}: {name}"
     return None
 
 
