@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from chatdistill.data import collate, render_example, render_prompt
 from chatdistill.demo.data import demo_asset_dir, facts_missing, labelled_subset, load_demo_split
-from chatdistill.metrics import answer_accuracy
+from chatdistill.evaluate.scores import answer_accuracy
 
 
 def support(rows: list[dict]) -> list[dict]:

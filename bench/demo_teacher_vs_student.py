@@ -23,9 +23,16 @@ from pathlib import Path
 
 from chatdistill.data import load_rows
 from chatdistill.demo.data import demo_asset_dir
-from chatdistill.evaluate import EvalConfig, answer_all, pad_id, prepare_items, score, text_quality
-from chatdistill.generate import Engine
-from chatdistill.metrics import answer_correct
+from chatdistill.evaluate.run import (
+    EvalConfig,
+    answer_all,
+    pad_id,
+    prepare_items,
+    score,
+    text_quality,
+)
+from chatdistill.evaluate.scores import answer_correct
+from chatdistill.inference.engine import Engine
 
 SPLITS = ("validation", "test")
 METRICS = ("accuracy", "ce", "wordings")

@@ -1,7 +1,7 @@
 """Edge export: ONNX Runtime GenAI (fp32, int8, int4) vs the PyTorch model, on the demo's models.
 
 For the bundled teacher and the demo's KD student (runs/demo/kd_student, made by `make demo`),
-each precision is exported with `chatdistill.export.export_onnx` and checked with `check_export`
+each precision is exported with `export.onnx.export_onnx` and checked with `check_export`
 on the first --chats conversations of the demo's test split: greedy answers of up to 48 tokens at
 batch 1 from PyTorch (the baseline, measured in the same call) and from the export. Reported per
 export: weights on disk, decode tokens/s and its ratio to PyTorch's, identical answers, next-token
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from chatdistill.data import load_rows, split_prompt_reference  # noqa: E402
 from chatdistill.demo.data import demo_asset_dir  # noqa: E402
-from chatdistill.export import check_export, export_onnx  # noqa: E402
+from chatdistill.export.onnx import check_export, export_onnx  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "export_speed.json"
 

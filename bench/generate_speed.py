@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from chatdistill import generate  # noqa: E402
-from chatdistill.generate import Engine, SamplingParams  # noqa: E402
-from chatdistill.tokenizer import train_bpe_tokenizer  # noqa: E402
+from chatdistill.inference import engine as generate  # noqa: E402
+from chatdistill.inference.engine import Engine, SamplingParams  # noqa: E402
+from chatdistill.models.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate_speed.json"
 

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from chatdistill.tokenizer import train_bpe_tokenizer  # noqa: E402
+from chatdistill.models.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
 

@@ -29,15 +29,15 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from chatdistill.cache import write_cache
 from chatdistill.config import load_distill_config
 from chatdistill.data import build_dataset, collate, load_rows
-from chatdistill.losses import SparseLogprobs, per_token_divergence, step_weights
-from chatdistill.models import count_parameters
-from chatdistill.setup import prepare
-from chatdistill.teacher import loss_positions
-from chatdistill.tokenizer import train_bpe_tokenizer
-from chatdistill.train import train
+from chatdistill.distill.cache import write_cache
+from chatdistill.distill.losses import SparseLogprobs, per_token_divergence, step_weights
+from chatdistill.distill.prepare import prepare
+from chatdistill.distill.teacher import loss_positions
+from chatdistill.distill.train import train
+from chatdistill.models.students import count_parameters
+from chatdistill.models.tokenizer import train_bpe_tokenizer
 
 VOCAB = 4096
 MAX_LEN = 256

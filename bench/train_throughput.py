@@ -7,7 +7,7 @@ random target in 192-256, so neither trainer truncates), with the same loss (gen
 0.5, temperature 1, on the answer tokens), batch size, max length, fp32 on CPU and number of
 optimizer steps:
 
-  ours  `chatdistill.train.train(cfg)`: logits only at loss-carrying positions, a chunk at a time
+  ours  `distill.train.train(cfg)`: logits only at loss-carrying positions, a chunk at a time
   trl   `trl.experimental.gkd.GKDTrainer` with lmbda=0 (off-policy, no generation), seq_kd=False,
         gradient checkpointing off like ours (its SFTConfig default is on; --trl-checkpointing adds
         a run with it on), no evaluation, no saving, no reporting, telemetry off
@@ -118,8 +118,8 @@ def run_ours(spec: dict) -> dict:
     """chatdistill's trainer on the spec; per-step tokens come from replaying its batch order."""
     from chatdistill.config import load_distill_config
     from chatdistill.data import build_dataset, iter_batches, load_rows
-    from chatdistill.models import load_tokenizer
-    from chatdistill.train import train
+    from chatdistill.distill.train import train
+    from chatdistill.models.students import load_tokenizer
 
     memory = PeakMemory()
     out = Path(spec["work"]) / spec["name"]
@@ -377,7 +377,7 @@ def check_same_loss(vocab: int) -> float:
     import torch
     from trl.experimental.gkd import GKDTrainer
 
-    from chatdistill.losses import per_token_divergence
+    from chatdistill.distill.losses import per_token_divergence
 
     torch.manual_seed(0)
     s, t = torch.randn(64, vocab) * 3, torch.randn(64, vocab) * 3
@@ -391,7 +391,7 @@ def check_same_loss(vocab: int) -> float:
 
 def prepare_run(work: Path, vocab: int, steps: int, warmup: int, args) -> dict:
     """Tokenizer, chats, teacher and student for one vocabulary size: the children's spec."""
-    from chatdistill.tokenizer import train_bpe_tokenizer
+    from chatdistill.models.tokenizer import train_bpe_tokenizer
 
     work.mkdir(parents=True)
     # A lexicon about 1.3x the vocabulary lets BPE reach the full size with whole-word tokens.

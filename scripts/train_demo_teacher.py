@@ -29,7 +29,7 @@ from chatdistill.config import load_distill_config
 from chatdistill.data import load_rows
 from chatdistill.demo.data import demo_asset_dir, jsonl_text
 from chatdistill.demo.run import STUDENT_SHAPE
-from chatdistill.train import train
+from chatdistill.distill.train import train
 
 SHAPE = dict(
     hidden_size=256,

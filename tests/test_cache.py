@@ -5,17 +5,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from chatdistill import cache as cache_mod
-from chatdistill.cache import CachedTeacher, teacher_fingerprint, write_cache
 from chatdistill.cli import main
 from chatdistill.config import load_distill_config
 from chatdistill.data import build_dataset, collate, load_rows
+from chatdistill.distill import cache as cache_mod
+from chatdistill.distill.cache import CachedTeacher, teacher_fingerprint, write_cache
+from chatdistill.distill.losses import SparseLogprobs, per_token_divergence
+from chatdistill.distill.teacher import LiveTeacher
+from chatdistill.distill.train import train
 from chatdistill.errors import UserError
-from chatdistill.losses import SparseLogprobs, per_token_divergence
-from chatdistill.models import load_model
-from chatdistill.teacher import LiveTeacher
-from chatdistill.tokenizer import train_bpe_tokenizer
-from chatdistill.train import train
+from chatdistill.models.students import load_model
+from chatdistill.models.tokenizer import train_bpe_tokenizer
 
 from conftest import build_tiny_model, make_conversations, write_jsonl
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatdistill.chat import PROMPT, Conversation, run_chat
 from chatdistill.errors import UserError
-from chatdistill.generate import Engine, SamplingParams
+from chatdistill.inference.chat import PROMPT, Conversation, run_chat
+from chatdistill.inference.engine import Engine, SamplingParams
 
 from conftest import build_tiny_model
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from chatdistill.cli import main
 from chatdistill.errors import unusable_output
-from chatdistill.tokenizer import train_bpe_tokenizer
+from chatdistill.models.tokenizer import train_bpe_tokenizer
 
 from conftest import build_tiny_model, write_jsonl
 

@@ -20,7 +20,7 @@ from chatdistill.demo.data import (
 )
 from chatdistill.demo.questions import FOLLOW_UPS, QUESTIONS
 from chatdistill.errors import UserError
-from chatdistill.metrics import answer_correct
+from chatdistill.evaluate.scores import answer_correct
 
 SMALL = {"train": 300, "validation": 20, "test": 30}
 BY_TEXT = {f.text: f for f in FACTS}

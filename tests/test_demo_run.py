@@ -80,7 +80,7 @@ def test_bad_labelled_fraction(tmp_path, tiny_teacher):
 
 @pytest.mark.slow
 def test_interrupted_demo_continues_on_rerun(tmp_path, tiny_teacher, monkeypatch, capsys):
-    import chatdistill.train as train_mod
+    import chatdistill.distill.train as train_mod
 
     real_update = train_mod.TrainProgress.update
 

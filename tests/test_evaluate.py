@@ -6,8 +6,8 @@ import pytest
 from chatdistill.cli import main
 from chatdistill.data import render_example
 from chatdistill.errors import UserError
-from chatdistill.evaluate import EvalConfig, _names, evaluate, prepare_items, weights_size
-from chatdistill.tokenizer import train_bpe_tokenizer
+from chatdistill.evaluate.run import EvalConfig, _names, evaluate, prepare_items, weights_size
+from chatdistill.models.tokenizer import train_bpe_tokenizer
 
 from conftest import build_tiny_model, make_conversations, write_jsonl
 

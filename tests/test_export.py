@@ -6,7 +6,7 @@ import pytest
 
 from chatdistill.cli import main
 from chatdistill.errors import UserError
-from chatdistill.export import check_export, export_onnx
+from chatdistill.export.onnx import check_export, export_onnx
 
 from conftest import build_tiny_model, make_conversations, write_jsonl
 

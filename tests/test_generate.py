@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from chatdistill.errors import UserError
-from chatdistill.generate import (
+from chatdistill.inference.engine import (
     DecodeBatch,
     Engine,
     SamplingParams,

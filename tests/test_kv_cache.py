@@ -3,7 +3,7 @@
 import torch
 from transformers import DynamicCache
 
-from chatdistill.kv_cache import GrowingCache
+from chatdistill.inference.kv_cache import GrowingCache
 
 
 def _step(cache, layer: int, n: int, seed: int, rows: int = 3):

@@ -5,8 +5,13 @@ import itertools
 import pytest
 import torch
 
-from chatdistill.loss_grads import loss_and_logit_grad
-from chatdistill.losses import DIVERGENCES, SparseLogprobs, per_token_ce, per_token_divergence
+from chatdistill.distill.loss_grads import loss_and_logit_grad
+from chatdistill.distill.losses import (
+    DIVERGENCES,
+    SparseLogprobs,
+    per_token_ce,
+    per_token_divergence,
+)
 
 N, V = 10, 64
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatdistill.losses import (
+from chatdistill.distill.losses import (
     DIVERGENCES,
     SparseLogprobs,
     chunked_loss,

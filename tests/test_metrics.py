@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
-from chatdistill.metrics import (
+from chatdistill.evaluate.scores import (
     TokenSums,
     UnicodeTokenizer,
     answer_accuracy,

@@ -5,7 +5,7 @@ import re
 import pytest
 from browser import CHROMIUM, DRIVER, MISSING, headless_chromium
 
-from chatdistill.report import (
+from chatdistill.evaluate.report import (
     headline,
     print_tables,
     read_training_log,

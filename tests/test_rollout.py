@@ -5,15 +5,20 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from chatdistill import rollout as rollout_mod
-from chatdistill import train as train_mod
 from chatdistill.cli import main
 from chatdistill.config import load_distill_config
 from chatdistill.data import IGNORE, load_rows
-from chatdistill.generate import Engine, SamplingParams
-from chatdistill.rollout import OnPolicySampler, end_of_turn_id, generate_data, is_on_policy_step
-from chatdistill.setup import prepare
-from chatdistill.train import train
+from chatdistill.distill import rollout as rollout_mod
+from chatdistill.distill import train as train_mod
+from chatdistill.distill.prepare import prepare
+from chatdistill.distill.rollout import (
+    OnPolicySampler,
+    end_of_turn_id,
+    generate_data,
+    is_on_policy_step,
+)
+from chatdistill.distill.train import train
+from chatdistill.inference.engine import Engine, SamplingParams
 
 from conftest import make_conversations, write_jsonl
 

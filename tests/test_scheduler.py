@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from chatdistill.errors import UserError
-from chatdistill.generate import Engine, SamplingParams
-from chatdistill.scheduler import QueueFullError, Scheduler
+from chatdistill.inference.engine import Engine, SamplingParams
+from chatdistill.inference.scheduler import QueueFullError, Scheduler
 
 from conftest import build_tiny_model, make_conversations
 
@@ -222,7 +222,7 @@ def test_requests_admitted_together_share_a_prefill_and_a_broken_one_fails_alone
 
 def test_one_decode_step_wakes_each_event_loop_once(engine, prompts):
     """Rows of one step are handed over with one thread-safe call per event loop, not per row."""
-    from chatdistill.scheduler import Delta, Request, Wakeups
+    from chatdistill.inference.scheduler import Delta, Request, Wakeups
 
     async def main() -> tuple[list[list[str]], int]:
         loop = asyncio.get_running_loop()

@@ -22,7 +22,7 @@ from serve_helpers import (
     wait_ready,
 )
 
-from chatdistill.generate import Engine, SamplingParams
+from chatdistill.inference.engine import Engine, SamplingParams
 
 from conftest import build_tiny_model
 
@@ -439,7 +439,7 @@ def test_create_app_serves_a_scheduler_it_does_not_own(engine):
 
     import uvicorn
 
-    from chatdistill.scheduler import Scheduler
+    from chatdistill.inference.scheduler import Scheduler
     from chatdistill.serve.app import create_app
     from chatdistill.serve.config import ServeConfig
 

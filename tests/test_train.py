@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatdistill import train as train_mod
 from chatdistill.config import load_distill_config
+from chatdistill.distill import train as train_mod
+from chatdistill.distill.train import train
 from chatdistill.errors import UserError
-from chatdistill.train import train
 
 from conftest import build_tiny_model, make_conversations, write_jsonl
 
@@ -140,8 +140,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
 def test_right_padded_batches_need_no_attention_mask(tiny_models, arch):
     """Under causal attention the padding on the right is never seen by a real token: the hidden
     states at real positions are the same with and without the mask, so none is passed."""
-    from chatdistill.models import hidden_and_head
-    from chatdistill.teacher import forward_mask
+    from chatdistill.distill.teacher import forward_mask
+    from chatdistill.models.students import hidden_and_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
     base, _ = hidden_and_head(model)

@@ -41,7 +41,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 def _run_distill(args: argparse.Namespace) -> None:
     from chatdistill.config import load_distill_config
-    from chatdistill.train import train
+    from chatdistill.distill.train import train
 
     flags = {
         "teacher": args.teacher,
@@ -170,8 +170,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from chatdistill.evaluate import EvalConfig, evaluate
-    from chatdistill.report import print_tables
+    from chatdistill.evaluate.report import print_tables
+    from chatdistill.evaluate.run import EvalConfig, evaluate
 
     cfg = EvalConfig(
         teacher=args.teacher,
@@ -227,7 +227,7 @@ def _add_cache_teacher(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cache_teacher(args: argparse.Namespace) -> None:
-    from chatdistill.cache import write_cache
+    from chatdistill.distill.cache import write_cache
 
     meta = write_cache(
         args.teacher,
@@ -269,7 +269,7 @@ def _add_generate_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate_data(args: argparse.Namespace) -> None:
-    from chatdistill.rollout import generate_data
+    from chatdistill.distill.rollout import generate_data
 
     s = generate_data(
         args.teacher,
@@ -308,7 +308,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> None:
-    from chatdistill.chat import run_chat
+    from chatdistill.inference.chat import run_chat
 
     run_chat(
         args.model_dir,
@@ -383,7 +383,7 @@ def _run_export(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from chatdistill.export import check_export, export_onnx
+    from chatdistill.export.onnx import check_export, export_onnx
 
     if args.check_chats < 1:
         raise UserError(f"--check-chats {args.check_chats}: must be at least 1")

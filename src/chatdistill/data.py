@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from chatdistill.errors import UserError
-from chatdistill.tokenizer import CHATML_TEMPLATE
+from chatdistill.models.tokenizer import CHATML_TEMPLATE
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100

@@ -125,7 +125,7 @@ def jsonl_text(rows: list[dict[str, object]]) -> str:
 
 def train_demo_tokenizer(train_rows: list[dict[str, object]], vocab_size: int = TOKENIZER_VOCAB):
     """Byte-level BPE (ChatML template) trained on the train split's turns and role names."""
-    from chatdistill.tokenizer import train_bpe_tokenizer
+    from chatdistill.models.tokenizer import train_bpe_tokenizer
 
     texts = [f"{m['role']}\n{m['content']}" for r in train_rows for m in r["messages"]]
     return train_bpe_tokenizer(texts, vocab_size=vocab_size)

@@ -6,7 +6,7 @@ only know them by having seen them, which is what makes a teacher trained on all
 worth distilling into a student that sees only a few labels.
 
 Answer values are written so that none is a token-bounded part of another value of the same
-intent (`chatdistill.metrics.answer_correct` could not tell them apart otherwise).
+intent (`chatdistill.evaluate.scores.answer_correct` could not tell them apart otherwise).
 """
 
 from dataclasses import dataclass

@@ -145,7 +145,7 @@ def _train(name: str, out: Path, overrides: dict, say) -> Path:
     import yaml
 
     from chatdistill.config import load_distill_config
-    from chatdistill.train import train
+    from chatdistill.distill.train import train
 
     model_dir = out / name
     cfg = load_distill_config(None, {**overrides, "output": str(model_dir)})
@@ -220,8 +220,8 @@ class KDInputs:
 
 def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
     """Stages 1-3: data, the teacher's answers to every prompt, and its cache (each reused)."""
-    from chatdistill.cache import write_cache
-    from chatdistill.rollout import generate_data
+    from chatdistill.distill.cache import write_cache
+    from chatdistill.distill.rollout import generate_data
 
     assets = _assets(cfg)
     teacher = Path(cfg.teacher) if cfg.teacher else assets / "teacher"
@@ -267,7 +267,7 @@ def kd_recipe(cfg: DemoConfig, inputs: KDInputs) -> dict:
 
 def summary(results: dict) -> str:
     """The side-by-side table the demo ends with, and what its columns mean."""
-    from chatdistill.report import headline, text_table
+    from chatdistill.evaluate.report import headline, text_table
 
     return (
         text_table(*headline(results))
@@ -280,7 +280,7 @@ def summary(results: dict) -> str:
 
 
 def _run(cfg: DemoConfig, say) -> dict:
-    from chatdistill.evaluate import EvalConfig, evaluate
+    from chatdistill.evaluate.run import EvalConfig, evaluate
 
     inputs = prepare_kd_inputs(cfg, say)
     out, paths, common, teacher = Path(cfg.output), inputs.paths, inputs.common, inputs.teacher

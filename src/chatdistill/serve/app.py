@@ -21,8 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatdistill.errors import UserError
-from chatdistill.generate import Engine
-from chatdistill.scheduler import Scheduler
+from chatdistill.inference.engine import Engine
+from chatdistill.inference.scheduler import Scheduler
 from chatdistill.serve.completions import CompletionService
 from chatdistill.serve.config import ServeConfig
 from chatdistill.serve.errors import APIError, install_error_handlers

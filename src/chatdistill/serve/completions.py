@@ -19,9 +19,9 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from chatdistill.errors import UserError
-from chatdistill.generate import Engine, SamplingParams
-from chatdistill.scheduler import Delta, QueueFullError, Scheduler
-from chatdistill.scheduler import Request as Job
+from chatdistill.inference.engine import Engine, SamplingParams
+from chatdistill.inference.scheduler import Delta, QueueFullError, Scheduler
+from chatdistill.inference.scheduler import Request as Job
 from chatdistill.serve.config import ServeConfig
 from chatdistill.serve.errors import APIError
 from chatdistill.serve.metrics import ServerMetrics

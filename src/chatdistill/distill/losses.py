@@ -214,7 +214,7 @@ def chunked_loss(
     (FSDP, DeepSpeed ZeRO-3). Without gradients the plain per-token functions run.
     """
     # loss_grads builds on this module's divergences, hence the import here
-    from chatdistill.loss_grads import ClosedFormLoss, loss_and_logit_grad
+    from chatdistill.distill.loss_grads import ClosedFormLoss, loss_and_logit_grad
 
     w_ce, w_kd = weights
 

@@ -17,16 +17,16 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from chatdistill import checkpoint as ckpt
 from chatdistill.allocator import keep_freed_memory
 from chatdistill.config import DistillConfig, save_config
 from chatdistill.data import Dataset, collate, iter_batches
+from chatdistill.distill import checkpoint as ckpt
+from chatdistill.distill.losses import step_weights
+from chatdistill.distill.prepare import Setup, prepare
+from chatdistill.distill.rollout import OnPolicySampler
+from chatdistill.distill.teacher import loss_positions
 from chatdistill.errors import UserError
-from chatdistill.losses import step_weights
 from chatdistill.progress import TrainProgress
-from chatdistill.rollout import OnPolicySampler
-from chatdistill.setup import Setup, prepare
-from chatdistill.teacher import loss_positions
 
 
 def _loss(

@@ -33,9 +33,10 @@ from chatdistill.data import (
     render_example,
     require_references,
 )
+from chatdistill.distill.losses import SparseLogprobs
+from chatdistill.distill.teacher import forward_mask, loss_positions
 from chatdistill.errors import UserError
-from chatdistill.losses import SparseLogprobs
-from chatdistill.models import (
+from chatdistill.models.students import (
     check_vocab,
     hidden_and_head,
     load_model,
@@ -43,7 +44,6 @@ from chatdistill.models import (
     tokenizer_fingerprint,
 )
 from chatdistill.progress import RateBar
-from chatdistill.teacher import forward_mask, loss_positions
 
 FORMAT = "chatdistill-teacher-cache"
 VERSION = 1

@@ -141,7 +141,7 @@ def _keep_chat_template(src: Path, built: Path) -> None:
     """Give the export the chat template the model is served with (ChatML when it has none)."""
     from transformers import AutoTokenizer
 
-    from chatdistill.tokenizer import CHATML_TEMPLATE
+    from chatdistill.models.tokenizer import CHATML_TEMPLATE
 
     if (built / "chat_template.jinja").is_file():
         return
@@ -226,9 +226,9 @@ def check_export(
     (`metrics.answer_correct`: the expected answer appears in the reply)."""
     import onnxruntime_genai as og
 
-    from chatdistill import metrics
-    from chatdistill.evaluate import weights_size
-    from chatdistill.generate import Engine, SamplingParams
+    from chatdistill.evaluate import scores as metrics
+    from chatdistill.evaluate.run import weights_size
+    from chatdistill.inference.engine import Engine, SamplingParams
 
     require_runtime()
     if max_new_tokens < 1:

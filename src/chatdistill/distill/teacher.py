@@ -11,8 +11,8 @@ from typing import Protocol
 import torch
 
 from chatdistill.data import Example
-from chatdistill.losses import Teacher
-from chatdistill.models import hidden_and_head
+from chatdistill.distill.losses import Teacher
+from chatdistill.models.students import hidden_and_head
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-from chatdistill.generate import (
+from chatdistill.inference.engine import (
     DecodeBatch,
     Engine,
     SamplingParams,

@@ -12,7 +12,7 @@ import contextlib
 import sys
 
 from chatdistill.errors import UserError
-from chatdistill.generate import Engine, SamplingParams
+from chatdistill.inference.engine import Engine, SamplingParams
 
 PROMPT = ">>> "
 HELP = "/reset clears the history, /exit quits, Ctrl-C stops an answer."

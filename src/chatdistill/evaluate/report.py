@@ -1,7 +1,7 @@
 """Turn evaluation results into things people read: terminal tables, summary.md, a self-contained
 report.html (plots embedded as base64 PNG), and the model card (README.md) of a student.
 
-Everything here is a function of the results dict from `chatdistill.evaluate.evaluate` (plus the
+Everything here is a function of the results dict from `chatdistill.evaluate.run.evaluate` (plus the
 training logs it points to), so a report can be rebuilt from results.json alone.
 """
 

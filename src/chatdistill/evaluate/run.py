@@ -4,7 +4,7 @@ For every model: quality against the references (held-out CE on assistant tokens
 answer accuracy), fidelity to the teacher (KL and top-1 agreement on the reference tokens, ROUGE-L
 against the teacher's answer), the share of the teacher's quality kept, and cost (parameters,
 weights on disk, peak memory while generating, prefill/decode speed, time to first token).
-All generation goes through `chatdistill.generate.Engine`, greedy.
+All generation goes through `chatdistill.inference.engine.Engine`, greedy.
 """
 
 import gc
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from chatdistill import metrics
 from chatdistill.data import (
     Example,
     collate,
@@ -33,6 +32,7 @@ from chatdistill.data import (
     split_prompt_reference,
 )
 from chatdistill.errors import UserError
+from chatdistill.evaluate import scores as metrics
 
 WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data", ".onnx.data"
@@ -185,7 +185,7 @@ def _prompt_ids(engine, messages: list[dict], budget: int) -> list[int]:
 
 def answer_all(engine, prompts: list[list[dict]], cfg: EvalConfig) -> list[str]:
     """Greedy answers to every prompt."""
-    from chatdistill.generate import SamplingParams
+    from chatdistill.inference.engine import SamplingParams
 
     ids = [_prompt_ids(engine, p, cfg.max_new_tokens) for p in prompts]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
@@ -222,7 +222,7 @@ def speed_probe(engine, prompts: list[list[int]], new_tokens: int, repeats: int 
     The probe runs `repeats` times and keeps each figure's best: other load on the machine only
     ever slows a pass down, and one slow spell would otherwise decide a model's figure.
     """
-    from chatdistill.generate import SamplingParams
+    from chatdistill.inference.engine import SamplingParams
 
     device = next(engine.model.parameters()).device
     saved, engine.eos_token_ids = engine.eos_token_ids, set()
@@ -240,7 +240,7 @@ def speed_probe(engine, prompts: list[list[int]], new_tokens: int, repeats: int 
 
 
 def _speed_pass(engine, prompts: list[list[int]], new_tokens: int, device) -> dict:
-    from chatdistill.generate import SamplingParams
+    from chatdistill.inference.engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     ttft, prefill_tok, decode_tok, decode_s = [], 0, 0, 0.0
@@ -294,7 +294,7 @@ def _memory_child(spec_path: str) -> None:
     """Run in a fresh interpreter: load one model, generate, print peak memory as JSON."""
     import resource
 
-    from chatdistill.generate import Engine, SamplingParams
+    from chatdistill.inference.engine import Engine, SamplingParams
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
@@ -345,7 +345,9 @@ def memory_probe(path: str, prompts: list[list[int]], cfg: EvalConfig) -> tuple[
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
-    code = "import sys; from chatdistill.evaluate import _memory_child; _memory_child(sys.argv[1])"
+    code = (
+        "import sys; from chatdistill.evaluate.run import _memory_child; _memory_child(sys.argv[1])"
+    )
     try:
         proc = subprocess.run(
             [sys.executable, "-c", code, f.name], capture_output=True, text=True, check=False
@@ -377,7 +379,7 @@ def pad_id(tokenizer) -> int:
 
 def _evaluate_one(engine, items, cfg, teacher=None, vocab=None, teacher_answers=None) -> tuple:
     """Quality, fidelity and cost of one loaded model; returns (entry fields, answers)."""
-    from chatdistill.models import count_parameters
+    from chatdistill.models.students import count_parameters
 
     examples = [it.example for it in items if it.example is not None]
     sums = score(engine.model, examples, cfg.batch_size, pad_id(engine.tokenizer), teacher, vocab)
@@ -428,9 +430,9 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
     """Evaluate teacher, students and baseline; write results.json, summary.md, report.html and
     the students' model cards into cfg.output; return the results dict. `say` gets progress
     lines."""
-    from chatdistill import report
-    from chatdistill.generate import Engine
-    from chatdistill.models import check_vocab, load_tokenizer
+    from chatdistill.evaluate import report
+    from chatdistill.inference.engine import Engine
+    from chatdistill.models.students import check_vocab, load_tokenizer
 
     roles = [("teacher", cfg.teacher, "--teacher")]
     roles += [("student", s, "--student") for s in cfg.students]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from chatdistill.errors import UserError
-from chatdistill.kv_cache import GrowingCache
+from chatdistill.inference.kv_cache import GrowingCache
 
 # Prompt tokens decoded in front of the first generated token, so tokenizers that drop a word's
 # leading space at the start of a decode (SentencePiece) still produce it.
@@ -485,7 +485,7 @@ class Engine:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the tokenizer's chat template (ChatML if none)."""
-        from chatdistill.tokenizer import CHATML_TEMPLATE
+        from chatdistill.models.tokenizer import CHATML_TEMPLATE
 
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:

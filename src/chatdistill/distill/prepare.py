@@ -20,9 +20,10 @@ from chatdistill.data import (
     require_references,
     split_rows,
 )
+from chatdistill.distill.losses import chunk_size_for, chunked_loss
+from chatdistill.distill.teacher import LiveTeacher, TeacherSource, forward_mask, loss_positions
 from chatdistill.errors import UserError
-from chatdistill.losses import chunk_size_for, chunked_loss
-from chatdistill.models import (
+from chatdistill.models.students import (
     check_vocab,
     count_parameters,
     cut_student,
@@ -32,7 +33,6 @@ from chatdistill.models import (
     load_tokenizer,
     student_from_config,
 )
-from chatdistill.teacher import LiveTeacher, TeacherSource, forward_mask, loss_positions
 
 
 class StudentLoss(torch.nn.Module):
@@ -199,7 +199,7 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         teacher_model = teacher_model.to(accelerator.device, dtype=dtype)
         teacher = val_teacher = LiveTeacher(teacher_model, vocab)
     elif cfg.teacher_cache:
-        from chatdistill.cache import CachedTeacher
+        from chatdistill.distill.cache import CachedTeacher
 
         teacher = CachedTeacher.open(cfg, tokenizer, train_data)
         # The cache holds the whole data file, so a split of it can be scored from the cache too.

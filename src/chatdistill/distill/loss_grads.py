@@ -22,7 +22,7 @@ over those buckets and is scattered back onto the vocabulary.
 import torch
 import torch.nn.functional as F
 
-from chatdistill.losses import SparseLogprobs, Teacher, sparse_divergence
+from chatdistill.distill.losses import SparseLogprobs, Teacher, sparse_divergence
 
 # The smallest normal float32: a mixture below it (both sides underflowed) is clamped there, so
 # log(mixture) stays finite and 0·(s - m) stays 0.
