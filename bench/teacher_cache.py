@@ -36,7 +36,7 @@ from chatdistill.distill.losses import SparseLogprobs, per_token_divergence, ste
 from chatdistill.distill.prepare import prepare
 from chatdistill.distill.teacher import loss_positions
 from chatdistill.distill.train import train
-from chatdistill.models.students import count_parameters
+from chatdistill.models import count_parameters
 from chatdistill.models.tokenizer import train_bpe_tokenizer
 
 VOCAB = 4096

@@ -119,7 +119,7 @@ def run_ours(spec: dict) -> dict:
     from chatdistill.config import load_distill_config
     from chatdistill.data import build_dataset, iter_batches, load_rows
     from chatdistill.distill.train import train
-    from chatdistill.models.students import load_tokenizer
+    from chatdistill.models import load_tokenizer
 
     memory = PeakMemory()
     out = Path(spec["work"]) / spec["name"]

@@ -14,7 +14,7 @@ from chatdistill.distill.losses import SparseLogprobs, per_token_divergence
 from chatdistill.distill.teacher import LiveTeacher
 from chatdistill.distill.train import train
 from chatdistill.errors import UserError
-from chatdistill.models.students import load_model
+from chatdistill.models import load_model
 from chatdistill.models.tokenizer import train_bpe_tokenizer
 
 from conftest import build_tiny_model, make_conversations, write_jsonl

@@ -230,7 +230,11 @@ def test_real_terminal_session_with_tmux(chatty_dir, tmp_path):
         subprocess.run([*tmux, "send-keys", "-t", session, "Tell me everything.", "Enter"])
         # capture-pane pads the screen with blank lines: count only what was written
         wait_screen(
-            lambda s: s.count(">>>") == 1 and len(s.split("everything.", 1)[1].strip()) > 40
+            lambda s: (
+                s.count(">>>") == 1
+                and "everything." in s
+                and len(s.split("everything.", 1)[1].strip()) > 40
+            )
         )
         subprocess.run([*tmux, "send-keys", "-t", session, "C-c"])
         wait_screen(lambda s: "[stopped]" in s and s.rstrip().endswith(">>>"))

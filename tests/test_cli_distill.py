@@ -108,7 +108,7 @@ def test_unknown_config_key_and_out_of_range_values(capsys, base, tmp_path):
 
 def test_missing_teacher_directory(capsys, base, tmp_path):
     code, err = _run(capsys, *_with(base, "--teacher", str(tmp_path / "nope")))
-    assert code == 2 and err == f"error: teacher {tmp_path / 'nope'}: no such directory"
+    assert code == 2 and err == f"error: teacher {tmp_path / 'nope'}: no such file or directory"
 
 
 def test_mismatched_tokenizers_name_both_vocab_sizes(capsys, base, tmp_path, tokenizer_dir):

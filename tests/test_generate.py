@@ -313,7 +313,7 @@ def test_bad_prompts_are_user_errors(engines):
 
 
 def test_load_missing_or_invalid_directory_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="no such file or directory"):
         Engine.load(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="config.json"):
         Engine.load(str(tmp_path))

@@ -36,7 +36,7 @@ from chatdistill.data import (
 from chatdistill.distill.losses import SparseLogprobs
 from chatdistill.distill.teacher import forward_mask, loss_positions
 from chatdistill.errors import UserError
-from chatdistill.models.students import (
+from chatdistill.models import (
     check_vocab,
     hidden_and_head,
     load_model,

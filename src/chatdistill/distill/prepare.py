@@ -23,7 +23,7 @@ from chatdistill.data import (
 from chatdistill.distill.losses import chunk_size_for, chunked_loss
 from chatdistill.distill.teacher import LiveTeacher, TeacherSource, forward_mask, loss_positions
 from chatdistill.errors import UserError
-from chatdistill.models.students import (
+from chatdistill.models import (
     check_vocab,
     count_parameters,
     cut_student,

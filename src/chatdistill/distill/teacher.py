@@ -12,7 +12,7 @@ import torch
 
 from chatdistill.data import Example
 from chatdistill.distill.losses import Teacher
-from chatdistill.models.students import hidden_and_head
+from chatdistill.models import hidden_and_head
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -379,7 +379,7 @@ def pad_id(tokenizer) -> int:
 
 def _evaluate_one(engine, items, cfg, teacher=None, vocab=None, teacher_answers=None) -> tuple:
     """Quality, fidelity and cost of one loaded model; returns (entry fields, answers)."""
-    from chatdistill.models.students import count_parameters
+    from chatdistill.models import count_parameters
 
     examples = [it.example for it in items if it.example is not None]
     sums = score(engine.model, examples, cfg.batch_size, pad_id(engine.tokenizer), teacher, vocab)
@@ -432,7 +432,7 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
     lines."""
     from chatdistill.evaluate import report
     from chatdistill.inference.engine import Engine
-    from chatdistill.models.students import check_vocab, load_tokenizer
+    from chatdistill.models import check_vocab, load_tokenizer
 
     roles = [("teacher", cfg.teacher, "--teacher")]
     roles += [("student", s, "--student") for s in cfg.students]

@@ -15,12 +15,12 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from chatdistill.errors import UserError
 from chatdistill.inference.kv_cache import GrowingCache
+from chatdistill.models import ModelSource, load_pretrained
 
 # Prompt tokens decoded in front of the first generated token, so tokenizers that drop a word's
 # leading space at the start of a decode (SentencePiece) still produce it.
@@ -452,36 +452,18 @@ class Engine:
             elif ids is not None:
                 eos.update(int(i) for i in ids)
         self.eos_token_ids: set[int] = eos
+        self.source: ModelSource | None = None  # where `load` found the model
 
     @classmethod
     def load(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None) -> Engine:
-        """Load a model directory (or a hub id the user asked for) with its tokenizer.
-
-        `device` defaults to CUDA when present; `dtype` to float32 on CPU and the checkpoint's
-        dtype elsewhere.
-        """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        local = Path(path).expanduser()
-        if local.exists():
-            if not (local / "config.json").is_file():
-                raise UserError(
-                    f"{path}: no config.json; pass a model directory saved by chatdistill"
-                )
-            source = str(local)
-        elif path.count("/") == 1 and not path.startswith((".", "/", "~")):
-            source = path  # looks like a hub id: owner/name
-        else:
-            raise UserError(f"{path}: model directory not found; check the path")
+        """Load a model with its tokenizer through `models.load_pretrained` (a directory, a GGUF
+        file, or `hf:org/name`); `device` defaults to CUDA when present, `dtype` to
+        `models.default_dtype`."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.float32 if device == "cpu" else "auto"
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except OSError as e:
-            raise UserError(f"{path}: could not load the model or tokenizer ({e})") from e
-        return cls(model.eval(), tokenizer, device=device)
+        model, tokenizer, source = load_pretrained(path, "model", dtype=dtype, device=device)
+        engine = cls(model.eval(), tokenizer, device=device)
+        engine.source = source
+        return engine
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the tokenizer's chat template (ChatML if none)."""

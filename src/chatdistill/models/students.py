@@ -1,85 +1,12 @@
-"""Load teachers and students, check that their vocabularies agree, cut students from teachers.
-
-Models load from a local directory, or from a hub id only when the user passed one (a path that
-does not exist and looks like `org/name`). Weights are read as safetensors; remote code is never
-trusted.
-"""
+"""Students: cut from a teacher (its layers kept, weights copied) or fresh from a config."""
 
 import copy
-import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from chatdistill.errors import UserError
-
-
-def _check_source(name: str, what: str, needs: tuple[str, ...] = ("config.json",)) -> str:
-    p = Path(name)
-    if p.exists():
-        if not any((p / f).is_file() for f in needs):
-            raise UserError(f"{what} {name}: no {' or '.join(needs)} there; is it a model dir?")
-        return str(p)
-    if name.count("/") == 1 and not name.startswith((".", "/")):
-        return name  # a hub id the user asked for
-    raise UserError(f"{what} {name}: no such directory")
-
-
-def load_tokenizer(name: str, what: str = "tokenizer"):
-    """Tokenizer from a model dir or hub id, with a pad token (falls back to EOS)."""
-    src = _check_source(name, what, ("tokenizer.json", "tokenizer_config.json"))
-    try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"{what} {name}: cannot load tokenizer ({str(e).splitlines()[0]})"
-        ) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_model(
-    name: str, what: str = "model", dtype: torch.dtype | None = None, device: str | None = None
-) -> PreTrainedModel:
-    """AutoModelForCausalLM from a dir or hub id, safetensors only, no remote code."""
-    src = _check_source(name, what)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what} {name}: cannot load model ({str(e).splitlines()[0]})") from None
-    return model.to(device) if device else model
-
-
-def tokenizer_fingerprint(tok) -> str:
-    """A stable hash of the vocabulary and special tokens (used to compare and to key caches)."""
-    import hashlib
-
-    vocab = sorted(tok.get_vocab().items())
-    blob = json.dumps([vocab, tok.eos_token, tok.bos_token, tok.pad_token], ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def check_vocab(teacher_tok, student_tok, teacher_model=None, student_model=None) -> int:
-    """Return the shared vocabulary size, or raise if the two cannot be distilled token by token.
-
-    Identical tokenizers are required. Embedding matrices may be padded to different sizes (as
-    Qwen2.5 151936 vs 152064); then only the tokenizer's vocabulary is compared.
-    """
-    nt, ns = len(teacher_tok), len(student_tok)
-    if nt != ns or tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
-        raise UserError(
-            f"teacher and student tokenizers differ (vocab {nt} vs {ns}); distillation on logits "
-            "needs the same tokenizer: cut the student from the teacher or pick one of its family"
-        )
-    for model, who in ((teacher_model, "teacher"), (student_model, "student")):
-        if model is not None and model.get_output_embeddings().weight.shape[0] < nt:
-            rows = model.get_output_embeddings().weight.shape[0]
-            raise UserError(f"{who} output layer has {rows} rows, fewer than the vocab ({nt})")
-    return nt
 
 
 def _layer_list(model: PreTrainedModel) -> tuple[object, str]:

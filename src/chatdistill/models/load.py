@@ -1,0 +1,90 @@
+"""The one way every command loads a model and its tokenizer.
+
+Weights are read as safetensors only (a pickle can run code), remote code is never trusted, and
+the tokenizer always has a pad token (its EOS when it has none). Arguments resolve as in
+`source.resolve`: a Hugging Face directory, a GGUF file, or `hf:org/name`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from chatdistill.errors import UserError
+from chatdistill.models.source import ModelSource, resolve
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _source(model: str | Path | ModelSource, what: str, needs: str = "model") -> ModelSource:
+    return model if isinstance(model, ModelSource) else resolve(model, what, needs)
+
+
+def load_tokenizer(model: str | Path | ModelSource, what: str = "tokenizer"):
+    """The tokenizer of a model (directory, GGUF file or hub id), with a pad token."""
+    src = _source(model, what, needs="tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - tokenizers raise many types on bad files; one line each
+        raise UserError(f"{what} {src.arg}: cannot load its tokenizer ({_first_line(e)})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _check_weights(src: ModelSource, what: str) -> None:
+    d = Path(src.path)
+    if src.kind == "hub" or any(d.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
+    if pickles:
+        raise UserError(
+            f"{what} {src.arg}: weights are a pickle ({pickles[0]}), which can run code; "
+            "chatdistill reads safetensors only: save the model with save_pretrained "
+            "(safe_serialization=True) or pass a GGUF file"
+        )
+    raise UserError(f"{what} {src.arg}: no *.safetensors weights there")
+
+
+def default_dtype(device: str | torch.device | None) -> torch.dtype | str:
+    """float32 on the CPU (fastest and exact there); the checkpoint's own dtype on accelerators."""
+    return torch.float32 if device is None or torch.device(device).type == "cpu" else "auto"
+
+
+def load_model(
+    model: str | Path | ModelSource,
+    what: str = "model",
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """AutoModelForCausalLM from a directory, GGUF file or hub id; `dtype` None: `default_dtype`."""
+    src = _source(model, what)
+    _check_weights(src, what)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            src.path,
+            dtype=default_dtype(device) if dtype is None else dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+    except Exception as e:  # noqa: BLE001 - corrupt safetensors, bad config.json, remote code ...
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{what} {src.arg}: cannot load the model ({_first_line(e)})") from None
+    return loaded.to(device) if device is not None else loaded
+
+
+def load_pretrained(
+    model: str | Path, what: str = "model", dtype=None, device=None
+) -> tuple[PreTrainedModel, object, ModelSource]:
+    """(model, tokenizer, source) resolved once: a GGUF file converts at most once."""
+    src = resolve(model, what)
+    tok = load_tokenizer(src, what)
+    return load_model(src, what, dtype, device), tok, src

@@ -1,0 +1,91 @@
+"""What a model argument names: a Hugging Face directory, a GGUF file, or a hub id asked for.
+
+Every command resolves its model arguments here, so the rules are the same everywhere:
+- an existing directory with `config.json` is a Hugging Face model directory;
+- a `.gguf` file, or a directory holding exactly one, is a GGUF model (converted once, see gguf.py);
+- `hf:org/name` is a hub id, fetched by transformers; nothing else ever reaches the network, so a
+  mistyped local path such as `runs/typo` is an error, not a download.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatdistill.errors import UserError
+
+HUB_PREFIX = "hf:"
+# Written into a converted GGUF directory: where its weights came from (see gguf.py).
+SOURCE_FILE = "chatdistill_source.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model argument. `path` is what transformers loads: a local directory in Hugging
+    Face format (for a GGUF file, its converted copy) or, for a hub id, the id itself."""
+
+    arg: str  # as the user wrote it
+    path: str
+    kind: str  # "hf" | "gguf" | "hub"
+    gguf: dict = field(default_factory=dict)  # file, sha256, quantization, architecture
+
+    def record(self) -> dict:
+        """What results, recipes and model cards say about where the model came from."""
+        return {"path": self.arg, "format": self.kind, **self.gguf}
+
+
+def _gguf_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+
+
+def resolve(arg: str | Path, what: str = "model", needs: str = "model") -> ModelSource:
+    """Resolve `arg` (see the module docstring); `needs` is "model" or "tokenizer"."""
+    from chatdistill.models.gguf import convert  # the GGUF reader loads only when needed
+
+    text = str(arg)
+    if text.startswith(HUB_PREFIX):
+        hub_id = text[len(HUB_PREFIX) :]
+        if hub_id.count("/") != 1 or not all(hub_id.split("/")):
+            raise UserError(f"{what} {text}: a hub id is hf:org/name")
+        return ModelSource(text, hub_id, "hub")
+    p = Path(text).expanduser()
+    if not p.exists():
+        hint = ""
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            hint = f"; to download {text} from the Hugging Face hub, pass hf:{text}"
+        raise UserError(f"{what} {text}: no such file or directory{hint}")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise UserError(
+                f"{what} {text}: expected a model directory or a .gguf file, got another file"
+            )
+        return convert(p, text, what)
+    if (p / "config.json").is_file() or (
+        needs == "tokenizer" and any((p / f).is_file() for f in _TOKENIZER_FILES)
+    ):
+        return ModelSource(text, str(p), "hf", _converted_record(p))
+    ggufs = _gguf_files(p)
+    if len(ggufs) == 1:
+        return convert(ggufs[0], text, what)
+    if len(ggufs) > 1:
+        names = ", ".join(g.name for g in ggufs)
+        raise UserError(f"{what} {text}: holds {len(ggufs)} GGUF files ({names}); pass one file")
+    wanted = "tokenizer.json" if needs == "tokenizer" else "config.json"
+    raise UserError(
+        f"{what} {text}: no {wanted} or .gguf file there; pass a model directory or a GGUF file"
+    )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _converted_record(d: Path) -> dict:
+    """The GGUF record of a directory converted from a GGUF file (empty for any other)."""
+    f = d / SOURCE_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return dict(json.loads(f.read_text()))
+    except (OSError, ValueError):
+        return {}
