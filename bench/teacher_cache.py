@@ -32,7 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from chatdistill.config import load_distill_config
 from chatdistill.data import build_dataset, collate, load_rows
 from chatdistill.distill.cache import write_cache
-from chatdistill.distill.losses import SparseLogprobs, per_token_divergence, step_weights
+from chatdistill.distill.divergences import SparseLogprobs
+from chatdistill.distill.losses import per_token_divergence, step_weights
 from chatdistill.distill.prepare import prepare
 from chatdistill.distill.teacher import loss_positions
 from chatdistill.distill.train import train

@@ -10,7 +10,8 @@ from chatdistill.config import load_distill_config
 from chatdistill.data import build_dataset, collate, load_rows
 from chatdistill.distill import cache as cache_mod
 from chatdistill.distill.cache import CachedTeacher, teacher_fingerprint, write_cache
-from chatdistill.distill.losses import SparseLogprobs, per_token_divergence
+from chatdistill.distill.divergences import SparseLogprobs
+from chatdistill.distill.losses import per_token_divergence
 from chatdistill.distill.teacher import LiveTeacher
 from chatdistill.distill.train import train
 from chatdistill.errors import UserError

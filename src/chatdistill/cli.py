@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from chatdistill import __version__
 from chatdistill.allocator import keep_freed_memory
+from chatdistill.config import LOSS_KINDS, load_distill_config
 from chatdistill.errors import UserError, failed_write, free_space, unusable_output
 
 
@@ -31,7 +32,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="training data: JSONL or Parquet of chat rows")
     p.add_argument("--validation", help="validation data (default: split of --data)")
     p.add_argument("--output", help="output directory")
-    p.add_argument("--loss", choices=["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "sft"])
+    p.add_argument("--loss", choices=LOSS_KINDS, help="divergence to the teacher, or sft")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--on-policy-fraction", type=float, help="fraction of steps on student samples")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -40,7 +41,6 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> None:
-    from chatdistill.config import load_distill_config
     from chatdistill.distill.train import train
 
     flags = {

@@ -33,7 +33,7 @@ from chatdistill.data import (
     render_example,
     require_references,
 )
-from chatdistill.distill.losses import SparseLogprobs
+from chatdistill.distill.divergences import SparseLogprobs
 from chatdistill.distill.teacher import forward_mask, loss_positions
 from chatdistill.errors import UserError
 from chatdistill.models.students import (

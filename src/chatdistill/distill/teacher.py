@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from chatdistill.data import Example
-from chatdistill.distill.losses import Teacher
+from chatdistill.distill.divergences import Teacher
 from chatdistill.models.students import hidden_and_head
 
 
