@@ -34,6 +34,7 @@ from chatdistill.data import (
     require_references,
 )
 from chatdistill.distill.divergences import SparseLogprobs
+from chatdistill.distill.fingerprints import file_sha256, teacher_fingerprint
 from chatdistill.distill.teacher import forward_mask, loss_positions
 from chatdistill.errors import UserError
 from chatdistill.models.students import (
@@ -49,7 +50,6 @@ FORMAT = "chatdistill-teacher-cache"
 VERSION = 1
 META = "cache.json"
 SHARD_POSITIONS = 1 << 19  # ~128 MiB per shard at k=64 with uint16 ids
-_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 _DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "F16": np.float16}
 _KEY_BYTES = 16
 
@@ -59,39 +59,6 @@ def example_key(ex: Example) -> bytes:
     h = hashlib.sha256(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
     h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
     return h.digest()[:_KEY_BYTES]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def teacher_fingerprint(model_dir: str | Path) -> str:
-    """Hash identifying a teacher's weights without reading them all (fast for multi-GB models).
-
-    Covers config.json and, for every *.safetensors file: its name, size, JSON header (names,
-    dtypes, shapes, offsets) and 16 evenly spaced 64 KiB samples of its data, so two checkpoints
-    of the same architecture differ unless their sampled bytes are equal.
-    """
-    d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise UserError(f"teacher {model_dir}: no config.json there; is it a model directory?")
-    h = hashlib.sha256((d / "config.json").read_bytes())
-    for f in sorted(d.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, size)))
-            start = 8 + n
-            span = max(size - start - _SAMPLE_BYTES, 0)
-            for i in range(_SAMPLES):
-                fh.seek(start + span * i // max(_SAMPLES - 1, 1))
-                h.update(fh.read(_SAMPLE_BYTES))
-    return h.hexdigest()[:16]
 
 
 def id_dtype(vocab_size: int) -> type:

@@ -24,6 +24,7 @@ from chatdistill.data import (
     render_prompt,
     split_prompt_reference,
 )
+from chatdistill.distill.fingerprints import file_sha256, teacher_fingerprint
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
 from chatdistill.progress import RateBar
@@ -156,8 +157,6 @@ def generate_data(
     other fields are kept. Row i's sample j is seeded by (seed, i, j), so a resumed file equals an
     uninterrupted one. Returns a summary (rows written, truncated answers, tokens, tokens/s).
     """
-    from chatdistill.distill.cache import file_sha256, teacher_fingerprint
-
     if samples_per_prompt < 1 or batch_size < 1:
         raise UserError("--samples-per-prompt and --batch-size must be at least 1")
     if samples_per_prompt > 1 and temperature == 0:
