@@ -269,7 +269,7 @@ def _add_generate_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate_data(args: argparse.Namespace) -> None:
-    from chatdistill.distill.rollout import generate_data
+    from chatdistill.distill.teacher_answers import generate_data
 
     s = generate_data(
         args.teacher,

@@ -1,5 +1,5 @@
 """Fingerprints that tie an output to its inputs, so a resumed or reused output is refused when
-they changed: the teacher cache (`cache`) and the teacher's answers (generate-data) both record
+they changed: the teacher cache (`cache`) and the teacher's answers (`teacher_answers`) both record
 them."""
 
 import hashlib
