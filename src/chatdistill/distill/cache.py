@@ -30,12 +30,13 @@ from chatdistill.data import (
     Example,
     collate,
     load_rows,
+    loss_positions,
     render_example,
     require_references,
 )
 from chatdistill.distill.divergences import SparseLogprobs
 from chatdistill.distill.fingerprints import file_sha256, teacher_fingerprint
-from chatdistill.distill.teacher import forward_mask, loss_positions
+from chatdistill.distill.positions import hidden_at_loss_positions
 from chatdistill.errors import UserError
 from chatdistill.models.students import (
     check_vocab,
@@ -194,8 +195,7 @@ class CachedTeacher:
             raise UserError(f"{self.path}: a conversation is not in the cache; rebuild it")
         shard = self.shards[found[0]]
         ids, logprobs = shard.positions(found[1])
-        expected = sum(label != -100 for label in ex.labels[1:])
-        if len(ids) != expected or (len(ids) and int(ids.max()) >= self.vocab_size):
+        if len(ids) != ex.n_loss_positions or (len(ids) and int(ids.max()) >= self.vocab_size):
             raise UserError(
                 f"{shard.path}: corrupt shard (positions do not match the conversation); delete "
                 "it and rerun `chatdistill cache-teacher` with the same arguments"
@@ -239,7 +239,7 @@ def _plan(examples: list[Example], shard_positions: int) -> list[dict]:
     """Cut the examples into shards of about `shard_positions` loss positions each."""
     shards, start, count = [], 0, 0
     for i, ex in enumerate(examples):
-        count += sum(label != -100 for label in ex.labels[1:])
+        count += ex.n_loss_positions
         if count >= shard_positions or i == len(examples) - 1:
             shards.append({"file": f"shard-{len(shards):05d}.safetensors", "start": start})
             shards[-1].update(end=i + 1, positions=count)
@@ -280,10 +280,8 @@ def sparse_targets(
 @torch.no_grad()
 def _teacher_sparse(base, head, batch: dict, vocab: int, meta: dict, generator, chunk: int):
     """Sparse targets (see `sparse_targets`) for the batch's loss positions -> ids, logprobs."""
-    hidden = base(
-        input_ids=batch["input_ids"], attention_mask=forward_mask(batch["attention_mask"])
-    )
-    hidden = hidden.last_hidden_state[:, :-1][loss_positions(batch["labels"])]  # (N, H)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    hidden = hidden_at_loss_positions(base, ids, mask, labels)  # (N, H)
     ids, lps = [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = head(hidden[s : s + chunk])[:, :vocab].float() / meta["temperature"]

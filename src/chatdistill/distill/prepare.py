@@ -17,11 +17,13 @@ from chatdistill.data import (
     build_dataset,
     has_reference,
     load_rows,
+    loss_positions,
     require_references,
     split_rows,
 )
 from chatdistill.distill.losses import chunk_size_for, chunked_loss
-from chatdistill.distill.teacher import LiveTeacher, TeacherSource, forward_mask, loss_positions
+from chatdistill.distill.positions import hidden_at_loss_positions
+from chatdistill.distill.teacher import LiveTeacher, TeacherSource
 from chatdistill.errors import UserError
 from chatdistill.models.students import (
     check_vocab,
@@ -51,14 +53,11 @@ class StudentLoss(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, teacher_fn=None, weights=(1.0, 1.0)):
         base, head = hidden_and_head(self.model)
-        sel = loss_positions(labels)
-        mask = forward_mask(attention_mask)
-        hidden = base(input_ids=input_ids, attention_mask=mask).last_hidden_state
         lc = self.loss_cfg
         return chunked_loss(
-            hidden[:, :-1][sel],
+            hidden_at_loss_positions(base, input_ids, attention_mask, labels),
             lambda x: head(x)[:, : self.vocab_size],
-            labels[:, 1:][sel],
+            labels[:, 1:][loss_positions(labels)],
             teacher_fn,
             lc.kind,
             weights=weights,

@@ -19,12 +19,11 @@ from accelerate.utils import set_seed
 
 from chatdistill.allocator import keep_freed_memory
 from chatdistill.config import DistillConfig, save_config
-from chatdistill.data import Dataset, collate, iter_batches
+from chatdistill.data import Dataset, collate, iter_batches, loss_positions
 from chatdistill.distill import checkpoint as ckpt
 from chatdistill.distill.losses import step_weights
 from chatdistill.distill.prepare import Setup, prepare
 from chatdistill.distill.rollout import OnPolicySampler
-from chatdistill.distill.teacher import loss_positions
 from chatdistill.errors import UserError
 from chatdistill.progress import TrainProgress
 
