@@ -24,14 +24,13 @@ import numpy as np
 import torch
 
 from chatdistill import atomic
-from chatdistill.config import DistillConfig
 from chatdistill.data import (
     Dataset,
     Example,
+    build_dataset,
     collate,
     load_rows,
     loss_positions,
-    render_example,
     require_references,
 )
 from chatdistill.distill.divergences import SparseLogprobs
@@ -140,9 +139,22 @@ class CachedTeacher:
         self.index = {k: (i, e) for i, sh in enumerate(self.shards) for e, k in enumerate(sh.keys)}
 
     @classmethod
-    def open(cls, cfg: DistillConfig, tokenizer, train_data: Dataset | None) -> "CachedTeacher":
-        """Open `cfg.teacher_cache` and refuse it unless it matches the recipe, saying why."""
-        path = Path(cfg.teacher_cache)
+    def open(
+        cls,
+        path: str | Path,
+        tokenizer,
+        train_data: Dataset | None,
+        *,
+        temperature: float,
+        max_length: int,
+        teacher: str | None = None,
+        data: str | None = None,
+    ) -> "CachedTeacher":
+        """Open the cache at `path` and refuse it unless it matches the recipe, saying why: its
+        tokenizer, `temperature` (loss.temperature) and `max_length` (data.max_length), the
+        `teacher` when one is given as a directory, and every conversation of `train_data` (read
+        from `data`)."""
+        path = Path(path)
         meta = read_meta(path)
         rebuild = "rebuild it with `chatdistill cache-teacher`"
         if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
@@ -151,24 +163,24 @@ class CachedTeacher:
                 f"{meta['tokenizer_fingerprint']}, this run's {tokenizer_fingerprint(tokenizer)}); "
                 f"{rebuild} using this tokenizer's teacher"
             )
-        if meta["temperature"] != cfg.loss.temperature:
+        if meta["temperature"] != temperature:
             raise UserError(
                 f"{path}: cache holds log-probs at temperature {meta['temperature']} but "
-                f"loss.temperature is {cfg.loss.temperature}; set loss.temperature="
-                f"{meta['temperature']} or {rebuild} --temperature {cfg.loss.temperature}"
+                f"loss.temperature is {temperature}; set loss.temperature="
+                f"{meta['temperature']} or {rebuild} --temperature {temperature}"
             )
-        if meta["max_length"] != cfg.data.max_length:
+        if meta["max_length"] != max_length:
             raise UserError(
                 f"{path}: cache was built with max_length {meta['max_length']} but "
-                f"data.max_length is {cfg.data.max_length}; set data.max_length="
-                f"{meta['max_length']} or {rebuild} --max-length {cfg.data.max_length}"
+                f"data.max_length is {max_length}; set data.max_length="
+                f"{meta['max_length']} or {rebuild} --max-length {max_length}"
             )
-        if cfg.teacher and Path(cfg.teacher).is_dir():
-            fp = teacher_fingerprint(cfg.teacher)
+        if teacher and Path(teacher).is_dir():
+            fp = teacher_fingerprint(teacher)
             if fp != meta["teacher_fingerprint"]:
                 raise UserError(
                     f"{path}: cache was built from another teacher ({meta['teacher']}, "
-                    f"fingerprint {meta['teacher_fingerprint']}) than --teacher {cfg.teacher} "
+                    f"fingerprint {meta['teacher_fingerprint']}) than --teacher {teacher} "
                     f"({fp}); pass the cache's teacher or {rebuild}"
                 )
         cache = cls(path, meta)
@@ -177,8 +189,8 @@ class CachedTeacher:
             if missing:
                 raise UserError(
                     f"{path}: {missing} of {len(train_data.examples)} training conversations from "
-                    f"{cfg.data.train} are not in the cache, built from {meta['data']} (sha256 "
-                    f"{meta['dataset_sha256'][:12]}); {rebuild} --data {cfg.data.train}"
+                    f"{data} are not in the cache, built from {meta['data']} (sha256 "
+                    f"{meta['dataset_sha256'][:12]}); {rebuild} --data {data}"
                 )
         return cache
 
@@ -220,19 +232,9 @@ class CachedTeacher:
 # ---------------------------------------------------------------------------------------- writing
 
 
-def _render_unique(rows: list[dict], tokenizer, max_length: int) -> tuple[list[Example], int]:
-    """Rendered examples in data order with duplicates removed, and how many were dropped."""
-    seen, out, dropped = set(), [], 0
-    for row in rows:
-        ex = render_example(tokenizer, row["messages"], max_length)
-        if ex is None:
-            dropped += 1
-            continue
-        key = example_key(ex)
-        if key not in seen:
-            seen.add(key)
-            out.append(ex)
-    return out, dropped
+def _unique(examples: list[Example]) -> list[Example]:
+    """The examples in data order with repeats (equal content keys) removed."""
+    return list({example_key(ex): ex for ex in examples}.values())
 
 
 def _plan(examples: list[Example], shard_positions: int) -> list[dict]:
@@ -351,9 +353,8 @@ def write_cache(
         )
     rows = load_rows(data)
     require_references(rows, data, "the teacher cache")
-    examples, dropped = _render_unique(rows, tokenizer, max_length)
-    if not examples:
-        raise UserError(f"{data}: no conversation keeps an assistant token within {max_length}")
+    dataset = build_dataset(rows, tokenizer, max_length, str(data))
+    examples, dropped = _unique(dataset.examples), dataset.dropped
     out = Path(output)
     meta = {
         "format": FORMAT,
