@@ -7,6 +7,10 @@ training prompts; the live teacher then scores every sampled token. Every random
 
 import random
 
+import torch
+from accelerate import Accelerator
+
+from chatdistill.config import OnPolicyConfig
 from chatdistill.data import (
     IGNORE,
     Example,
@@ -43,30 +47,46 @@ def sampled_example(prompt_ids: list[int], answer_ids: list[int], end_id: int | 
 
 
 class OnPolicySampler:
-    """Samples the student's answers to training prompts for the trainer's on-policy steps."""
+    """Samples the student's answers to training prompts for the trainer's on-policy steps.
 
-    def __init__(self, setup) -> None:
-        cfg = setup.cfg
-        self.cfg, self.accelerator, self.pad_id = cfg, setup.accelerator, setup.pad_id
-        self.engine = Engine(setup.student, setup.tokenizer)
-        self.end_id = end_of_turn_id(setup.tokenizer)
-        limit = min(cfg.data.max_length, self.engine.context_length)
+    `settings` are the recipe's on_policy section; `seed` (train.seed) keys every draw,
+    `batch_size` (train.batch_size) is per micro-batch, and no sample runs past `max_length`
+    (data.max_length) tokens. `source` names the prompts' file in errors.
+    """
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        tokenizer,
+        accelerator: Accelerator,
+        prompt_rows: list[dict],
+        settings: OnPolicyConfig,
+        *,
+        seed: int,
+        batch_size: int,
+        max_length: int,
+        source: str | None,
+    ) -> None:
+        self.accelerator, self.pad_id = accelerator, tokenizer.pad_token_id
+        self.settings, self.seed, self.batch_size = settings, seed, batch_size
+        self.engine = Engine(student, tokenizer)
+        self.end_id = end_of_turn_id(tokenizer)
+        limit = min(max_length, self.engine.context_length)
         prompts = [
-            render_prompt(setup.tokenizer, split_prompt_reference(r["messages"])[0])
-            for r in setup.prompt_rows
+            render_prompt(tokenizer, split_prompt_reference(r["messages"])[0]) for r in prompt_rows
         ]
         # A prompt needs room for one answer token and the end-of-turn token.
         self.prompts = [p for p in prompts if len(p) + 2 <= limit]
         self.limit = limit
         if not self.prompts:
             raise UserError(
-                f"{cfg.data.train}: on-policy training found no prompt shorter than "
-                f"data.max_length={cfg.data.max_length} (minus 2 answer tokens); give prompts or "
+                f"{source}: on-policy training found no prompt shorter than "
+                f"data.max_length={max_length} (minus 2 answer tokens); give prompts or "
                 "raise data.max_length"
             )
 
     def is_on_policy(self, step: int) -> bool:
-        return is_on_policy_step(self.cfg.on_policy.fraction, self.cfg.train.seed, step)
+        return is_on_policy_step(self.settings.fraction, self.seed, step)
 
     def micro_batches(self, step: int, rank: int, world: int, n_micro: int) -> list:
         """This process's `n_micro` micro-batches of fresh student samples, as [(examples, batch)].
@@ -74,8 +94,8 @@ class OnPolicySampler:
         All processes draw the same prompts and seeds for the step; micro-batch m of rank r takes
         slot m·world + r, as the off-policy path does.
         """
-        bs, op = self.cfg.train.batch_size, self.cfg.on_policy
-        rng = seeded_rng(self.cfg.train.seed, step, "prompts")
+        bs, op = self.batch_size, self.settings
+        rng = seeded_rng(self.seed, step, "prompts")
         total = n_micro * world * bs
         picks = [(rng.randrange(len(self.prompts)), rng.getrandbits(62)) for _ in range(total)]
         slots = [

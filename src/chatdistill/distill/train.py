@@ -112,6 +112,21 @@ def _mixed_precision(cfg: DistillConfig) -> str:
     return "bf16" if p == "bf16" else "no"
 
 
+def _sampler(s: Setup) -> OnPolicySampler:
+    cfg = s.cfg
+    return OnPolicySampler(
+        s.student,
+        s.tokenizer,
+        s.accelerator,
+        s.prompt_rows,
+        cfg.on_policy,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+        max_length=cfg.data.max_length,
+        source=cfg.data.train,
+    )
+
+
 def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
     acc, t = s.accelerator, s.cfg.train
     world, rank = acc.num_processes, acc.process_index
@@ -120,7 +135,7 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
         batches = iter_batches(
             s.train_data, t.batch_size, t.seed, state["epoch"], state["next_batch"]
         )
-    sampler = OnPolicySampler(s) if s.cfg.on_policy.fraction > 0 else None
+    sampler = _sampler(s) if s.cfg.on_policy.fraction > 0 else None
     progress = TrainProgress(t.max_steps, state["step"], enabled=acc.is_main_process)
     s.loss_module.train()
     try:
