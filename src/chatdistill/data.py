@@ -204,10 +204,6 @@ class Dataset:
 
     examples: list[Example]
     dropped: int
-    source: str
-
-    def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
 
 
 def build_dataset(rows: list[dict], tokenizer, max_length: int, source: str) -> Dataset:
@@ -224,7 +220,7 @@ def build_dataset(rows: list[dict], tokenizer, max_length: int, source: str) -> 
             f"{source}: no conversation keeps an assistant token within max_length={max_length}; "
             "raise data.max_length"
         )
-    return Dataset(examples, dropped, source)
+    return Dataset(examples, dropped)
 
 
 def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
