@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from chatdistill.data import collate, render_example, render_prompt
+from chatdistill.data import IGNORE, collate, render_example, render_prompt
 from chatdistill.demo.data import demo_asset_dir, facts_missing, labelled_subset, load_demo_split
 from chatdistill.evaluate.scores import answer_accuracy
 
@@ -99,9 +99,9 @@ def evaluate(model, tok, rows: list[dict]) -> tuple[float, float]:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         labels = b["labels"][:, 1:]
         ce = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
         )
-        total, count = total + ce.item(), count + (labels != -100).sum().item()
+        total, count = total + ce.item(), count + (labels != IGNORE).sum().item()
     return acc, total / count
 
 

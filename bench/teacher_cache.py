@@ -30,11 +30,11 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from chatdistill.config import load_distill_config
-from chatdistill.data import build_dataset, collate, load_rows
+from chatdistill.data import build_dataset, collate, load_rows, loss_positions
 from chatdistill.distill.cache import write_cache
-from chatdistill.distill.losses import SparseLogprobs, per_token_divergence, step_weights
+from chatdistill.distill.divergences import SparseLogprobs
+from chatdistill.distill.losses import per_token_divergence, step_weights
 from chatdistill.distill.prepare import prepare
-from chatdistill.distill.teacher import loss_positions
 from chatdistill.distill.train import train
 from chatdistill.models import count_parameters
 from chatdistill.models.tokenizer import train_bpe_tokenizer

@@ -166,7 +166,7 @@ def run_ours(spec: dict) -> dict:
         pad, slots = pad + width - real, slots + width
         if abs(pad / slots - r["padding_fraction"]) > 1e-9:
             raise RuntimeError(f"step {r['step']}: replayed batches differ from the trainer's")
-        positions = sum(sum(x != -100 for x in e.labels[1:]) for e in examples)
+        positions = sum(e.n_loss_positions for e in examples)
         steps.append(
             {
                 "tokens": real,
@@ -195,6 +195,7 @@ class _CountingCollator:
             {
                 "tokens": int(batch["attention_mask"].sum()),
                 "slots": batch["attention_mask"].numel(),
+                # TRL's "no loss" label; this process leaves chatdistill unimported
                 "loss_positions": int((batch["labels"][:, 1:] != -100).sum()),
             }
         )

@@ -1,3 +1,4 @@
+import inspect
 import json
 
 import numpy as np
@@ -9,8 +10,9 @@ from chatdistill.cli import main
 from chatdistill.config import load_distill_config
 from chatdistill.data import build_dataset, collate, load_rows
 from chatdistill.distill import cache as cache_mod
-from chatdistill.distill.cache import CachedTeacher, teacher_fingerprint, write_cache
-from chatdistill.distill.losses import SparseLogprobs, per_token_divergence
+from chatdistill.distill.cache import CachedTeacher, write_cache
+from chatdistill.distill.divergences import SparseLogprobs
+from chatdistill.distill.losses import per_token_divergence
 from chatdistill.distill.teacher import LiveTeacher
 from chatdistill.distill.train import train
 from chatdistill.errors import UserError
@@ -69,9 +71,9 @@ def test_cached_top_k_equals_the_live_teachers_top_k(
     teacher, small_cache, tokenizer_dir, chat_file
 ):
     data, batch = _batch(tokenizer_dir, chat_file)
-    cfg = _cfg("unused", chat_file, teacher_cache=str(small_cache))
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    sparse = CachedTeacher.open(cfg, tok, data).targets(batch, data.examples)(slice(None))
+    cached = CachedTeacher.open(small_cache, tok, data, temperature=1.0, max_length=512)
+    sparse = cached.targets(batch, data.examples)(slice(None))
     live = LiveTeacher(load_model(str(teacher)), VOCAB).targets(batch, data.examples)(slice(None))
     top = torch.log_softmax(live.float(), -1).topk(8, -1)
     assert torch.equal(sparse.ids, top.indices)
@@ -160,13 +162,6 @@ def test_bytes_per_token_stay_small_with_uint16_ids(small_cache):
     size = sum((small_cache / s["file"]).stat().st_size for s in meta["shards"])
     assert meta["id_dtype"] == "uint16"
     assert size / positions < 8 * (2 + 2) + 40  # k · (uint16 id + float16 log-prob) + overhead
-
-
-def test_teacher_fingerprint_changes_with_weights_of_the_same_shape(tmp_path, tokenizer_dir):
-    a = build_tiny_model(tmp_path / "a", tokenizer_dir, "llama", 0)
-    b = build_tiny_model(tmp_path / "b", tokenizer_dir, "llama", 1)
-    assert teacher_fingerprint(a) != teacher_fingerprint(b)
-    assert teacher_fingerprint(a) == teacher_fingerprint(a)
 
 
 def _distill_error(capsys, args):
@@ -275,12 +270,9 @@ def test_cache_teacher_cli_writes_a_complete_cache(tmp_path, teacher, chat_file,
     assert "cached 64 conversations" in capsys.readouterr().out
 
 
-def test_cached_teacher_rejects_a_conversation_it_does_not_hold(
-    small_cache, tokenizer_dir, chat_file
-):
+def test_cached_teacher_rejects_a_conversation_it_does_not_hold(small_cache, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = _cfg("unused", chat_file, teacher_cache=str(small_cache))
-    cached = CachedTeacher.open(cfg, tok, None)
+    cached = CachedTeacher.open(small_cache, tok, None, temperature=1.0, max_length=512)
     new = build_dataset(make_conversations(3, seed=42), tok, 512, "new")
     assert not cached.covers(new)
     with pytest.raises(UserError, match="not in the cache"):
@@ -343,3 +335,31 @@ def test_tail_samples_not_below_top_k_are_refused(tmp_path, teacher, chat_file, 
     args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(tmp_path / "c")]
     err = _cache_error(capsys, [*args, "--top-k", "8", "--tail-samples", "8"])
     assert "--tail-samples 8" in err and "--top-k (8)" in err
+
+
+def test_cache_teacher_takes_its_settings_from_the_recipe(tmp_path, teacher, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", make_conversations(6, seed=3))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"teacher: {teacher}\nteacher_cache: {tmp_path / 'cache'}\n"
+        f"data: {{train: {data}, max_length: 64}}\nloss: {{temperature: 2.0}}\n"
+    )
+    assert main(["cache-teacher", "--config", str(recipe), "--top-k", "4"]) == 0
+    meta = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert (meta["temperature"], meta["max_length"], meta["data"]) == (2.0, 64, str(data))
+    # A flag wins over the recipe's field.
+    args = ["--config", str(recipe), "--output", str(tmp_path / "c2"), "--max-length", "96"]
+    assert main(["cache-teacher", *args, "--top-k", "4"]) == 0
+    meta = json.loads((tmp_path / "c2" / "cache.json").read_text())
+    assert (meta["temperature"], meta["max_length"]) == (2.0, 96)
+    capsys.readouterr()
+    recipe.write_text(f"data: {{train: {data}}}\n")
+    err = _cache_error(capsys, ["--config", str(recipe), "--output", str(tmp_path / "c3")])
+    assert f"needs --teacher: {recipe} has no teacher" in err
+
+
+def test_cache_teacher_defaults_are_the_recipe_defaults():
+    defaults = inspect.signature(write_cache).parameters
+    recipe = load_distill_config(None)
+    assert defaults["temperature"].default == recipe.loss.temperature
+    assert defaults["max_length"].default == recipe.data.max_length

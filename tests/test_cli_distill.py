@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from chatdistill.cli import main
+from chatdistill.distill.divergences import DIVERGENCES
 from chatdistill.errors import unusable_output
 from chatdistill.models.tokenizer import train_bpe_tokenizer
 
@@ -27,6 +28,7 @@ def test_help_lists_subcommands_and_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--teacher", "--student", "--student-layers", "--data", "--loss", "--resume"):
         assert flag in out
+    assert "{" + ",".join([*DIVERGENCES, "sft"]) + "}" in out  # the --loss choices
 
 
 @pytest.fixture()

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from chatdistill.config import load_distill_config
+from chatdistill.distill.divergences import DIVERGENCES
 from chatdistill.errors import UserError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -45,6 +46,14 @@ def test_temperature_zero_is_refused_not_defaulted():
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(UserError, match=message):
         load_distill_config(None, override)
+
+
+def test_loss_kinds_are_the_registered_divergences_and_sft():
+    for kind in [*DIVERGENCES, "sft"]:
+        assert load_distill_config(None, {"loss.kind": kind}).loss.kind == kind
+    with pytest.raises(UserError) as e:
+        load_distill_config(None, {"loss.kind": "kl"})
+    assert all(repr(kind) in str(e.value) for kind in DIVERGENCES)
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -3,6 +3,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from chatdistill.data import (
@@ -11,6 +12,7 @@ from chatdistill.data import (
     collate,
     length_grouped_batches,
     load_rows,
+    loss_positions,
     render_example,
     split_prompt_reference,
     split_rows,
@@ -133,3 +135,14 @@ def test_collate_pads_right_and_masks(tok):
     n = len(ex[1].input_ids)
     assert batch["attention_mask"][1, n:].sum() == 0
     assert (batch["labels"][1, n:] == IGNORE).all()
+
+
+def test_loss_positions_are_those_whose_next_token_carries_loss(tok):
+    labels = torch.tensor([[IGNORE, IGNORE, 7, 8, IGNORE], [IGNORE, 5, IGNORE, IGNORE, IGNORE]])
+    assert loss_positions(labels).tolist() == [
+        [False, True, True, False],
+        [True, False, False, False],
+    ]
+    ex = [render_example(tok, CONV, 512), render_example(tok, CONV[:3], 512)]
+    counts = loss_positions(collate(ex, tok.pad_token_id)["labels"]).sum(1).tolist()
+    assert counts == [e.n_loss_positions for e in ex] and all(counts)

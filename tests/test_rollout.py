@@ -7,18 +7,11 @@ from safetensors.torch import load_file
 
 from chatdistill.cli import main
 from chatdistill.config import load_distill_config
-from chatdistill.data import IGNORE, load_rows
-from chatdistill.distill import rollout as rollout_mod
+from chatdistill.data import IGNORE
 from chatdistill.distill import train as train_mod
 from chatdistill.distill.prepare import prepare
-from chatdistill.distill.rollout import (
-    OnPolicySampler,
-    end_of_turn_id,
-    generate_data,
-    is_on_policy_step,
-)
+from chatdistill.distill.rollout import OnPolicySampler, end_of_turn_id, is_on_policy_step
 from chatdistill.distill.train import train
-from chatdistill.inference.engine import Engine, SamplingParams
 
 from conftest import make_conversations, write_jsonl
 
@@ -41,6 +34,22 @@ def _cfg(out, teacher, data, **over):
     }
     base.update(over)
     return load_distill_config(None, {k: v for k, v in base.items() if v is not None})
+
+
+def _sampler(s):
+    """The sampler the trainer builds from its setup."""
+    c = s.cfg
+    return OnPolicySampler(
+        s.student,
+        s.tokenizer,
+        s.accelerator,
+        s.prompt_rows,
+        c.on_policy,
+        seed=c.train.seed,
+        batch_size=c.train.batch_size,
+        max_length=c.data.max_length,
+        source=c.data.train,
+    )
 
 
 def _prompt_rows(n=12):
@@ -67,7 +76,7 @@ def test_on_policy_samples_carry_loss_on_sampled_tokens_and_the_end_of_turn(
 ):
     cfg = _cfg(tmp_path, tiny_models["llama"], chat_file, **{"on_policy.max_new_tokens": 6})
     s = prepare(cfg, Accelerator(cpu=True))
-    sampler = OnPolicySampler(s)
+    sampler = _sampler(s)
     eot = end_of_turn_id(s.tokenizer)
     assert s.tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
     (examples, batch), second = sampler.micro_batches(3, 0, 1, 2)
@@ -87,7 +96,7 @@ def test_on_policy_samples_carry_loss_on_sampled_tokens_and_the_end_of_turn(
 
 def test_processes_draw_different_prompts_for_the_same_step(tmp_path, tiny_models, chat_file):
     s = prepare(_cfg(tmp_path, tiny_models["llama"], chat_file), Accelerator(cpu=True))
-    sampler = OnPolicySampler(s)
+    sampler = _sampler(s)
     rank0 = sampler.micro_batches(0, 0, 2, 1)[0][0]
     rank1 = sampler.micro_batches(0, 1, 2, 1)[0][0]
     assert [e.input_ids for e in rank0] != [e.input_ids for e in rank1]
@@ -161,106 +170,3 @@ def test_on_policy_with_sft_is_refused(tmp_path, tiny_models, chat_file, capsys)
     args = ["--student-config", str(tiny_models["llama"]), "--loss", "sft", "--data"]
     args += [str(chat_file), "--output", str(tmp_path / "o"), "--on-policy-fraction", "0.5"]
     assert "--on-policy-fraction" in _distill_error(capsys, args)
-
-
-# ------------------------------------------------------------------------------- generate-data
-
-
-def test_generate_data_writes_the_teachers_greedy_answers_and_keeps_fields(tmp_path, tiny_models):
-    rows = make_conversations(5, seed=2)
-    rows[0]["answer"] = "kept"
-    rows[1] = {"prompt": "How much is the lamp?", "completion": "old", "answer": "ten"}
-    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
-    out = tmp_path / "seqkd.jsonl"
-    summary = generate_data(
-        str(tiny_models["llama"]), str(prompts), str(out), max_new_tokens=6, progress=False
-    )
-    got = load_rows(out)
-    assert summary["rows"] == 5 and len(got) == 5
-    engine = Engine.load(str(tiny_models["llama"]), device="cpu")
-    for src, row in zip(load_rows(prompts), got):
-        assert row["messages"][:-1] == src["messages"][:-1]
-        expect = engine.chat(src["messages"][:-1], SamplingParams(max_new_tokens=6))
-        assert row["messages"][-1] == {"role": "assistant", "content": expect.text}
-    assert got[0]["answer"] == "kept" and got[1]["answer"] == "ten"
-
-
-def test_generate_data_samples_several_seeded_answers_per_prompt(tmp_path, tiny_models):
-    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(3))
-    kw = dict(max_new_tokens=6, temperature=1.0, samples_per_prompt=2, progress=False)
-    generate_data(str(tiny_models["llama"]), str(prompts), str(tmp_path / "a.jsonl"), **kw)
-    generate_data(str(tiny_models["llama"]), str(prompts), str(tmp_path / "b.jsonl"), **kw)
-    a = load_rows(tmp_path / "a.jsonl")
-    assert [r["id"] for r in a] == [0, 0, 1, 1, 2, 2]
-    assert a == load_rows(tmp_path / "b.jsonl")
-    assert a[0]["messages"][-1] != a[1]["messages"][-1]
-
-
-def test_killed_generate_data_resumes_to_the_same_file(tmp_path, tiny_models, monkeypatch):
-    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(12))
-    teacher = str(tiny_models["gpt2"])
-    kw = dict(max_new_tokens=5, temperature=0.8, batch_size=2, progress=False)
-    generate_data(teacher, str(prompts), str(tmp_path / "full.jsonl"), **kw)
-    real, calls = Engine.generate, []
-
-    def die_on_second_call(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    out = tmp_path / "cut.jsonl"
-    monkeypatch.setattr(rollout_mod.Engine, "generate", die_on_second_call)
-    with pytest.raises(KeyboardInterrupt):
-        generate_data(teacher, str(prompts), str(out), **kw)
-    with out.open("a") as f:
-        f.write('{"messages": [{"role": "us')  # a line cut off by the kill
-    monkeypatch.setattr(rollout_mod.Engine, "generate", real)
-    summary = generate_data(teacher, str(prompts), str(out), **kw)
-    assert summary["rows"] == 12
-    assert out.read_text() == (tmp_path / "full.jsonl").read_text()
-
-
-def _gen_error(capsys, args):
-    assert main(["generate-data", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
-    return err
-
-
-def test_generate_data_refuses_to_resume_with_other_settings(tmp_path, tiny_models, capsys):
-    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(2))
-    args = ["--teacher", str(tiny_models["llama"]), "--prompts", str(prompts), "--output"]
-    args += [str(tmp_path / "o.jsonl"), "--max-new-tokens", "4"]
-    assert main(["generate-data", *args]) == 0
-    assert "o.jsonl: 2 rows" in capsys.readouterr().out
-    assert "max_new_tokens" in _gen_error(capsys, [*args[:-1], "5"])
-
-
-def test_generate_data_refuses_greedy_repeats_and_foreign_outputs(tmp_path, tiny_models, capsys):
-    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(2))
-    args = ["--teacher", str(tiny_models["llama"]), "--prompts", str(prompts), "--output"]
-    assert "--temperature" in _gen_error(
-        capsys, [*args, str(tmp_path / "o.jsonl"), "--samples-per-prompt", "2"]
-    )
-    foreign = write_jsonl(tmp_path / "mine.jsonl", _prompt_rows(1))
-    assert "not written by generate-data" in _gen_error(capsys, [*args, str(foreign)])
-
-
-def test_generated_data_trains_a_student_with_sft(tmp_path, tiny_models):
-    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(12))
-    data = tmp_path / "seqkd.jsonl"
-    generate_data(str(tiny_models["llama"]), str(prompts), str(data), 8, progress=False)
-    cfg = load_distill_config(
-        None,
-        {
-            "student_config": str(tiny_models["llama"]),
-            "tokenizer": str(tiny_models["llama"]),
-            "loss.kind": "sft",
-            "data.train": str(data),
-            "output": str(tmp_path / "sft"),
-            "train.max_steps": 2,
-            "train.save_every": 0,
-        },
-    )
-    assert (train(cfg) / "model.safetensors").is_file()

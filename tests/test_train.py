@@ -140,7 +140,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
 def test_right_padded_batches_need_no_attention_mask(tiny_models, arch):
     """Under causal attention the padding on the right is never seen by a real token: the hidden
     states at real positions are the same with and without the mask, so none is passed."""
-    from chatdistill.distill.teacher import forward_mask
+    from chatdistill.distill.positions import forward_mask
     from chatdistill.models import hidden_and_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()

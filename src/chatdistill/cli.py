@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from chatdistill import __version__
 from chatdistill.allocator import keep_freed_memory
+from chatdistill.config import LOSS_KINDS, load_distill_config
 from chatdistill.errors import UserError, failed_write, free_space, unusable_output
 
 
@@ -31,7 +32,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="training data: JSONL or Parquet of chat rows")
     p.add_argument("--validation", help="validation data (default: split of --data)")
     p.add_argument("--output", help="output directory")
-    p.add_argument("--loss", choices=["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "sft"])
+    p.add_argument("--loss", choices=LOSS_KINDS, help="divergence to the teacher, or sft")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--on-policy-fraction", type=float, help="fraction of steps on student samples")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -40,7 +41,6 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> None:
-    from chatdistill.config import load_distill_config
     from chatdistill.distill.train import train
 
     flags = {
@@ -201,12 +201,15 @@ def _add_cache_teacher(sub: argparse._SubParsersAction) -> None:
         "cache-teacher",
         help="run the teacher once and store its top-k log-probs for `distill --teacher-cache`",
         description="Render the data as the trainer does, run the teacher over it in batches and "
-        "store the top-k log-probs of every loss position in memory-mapped shards. Resumable: "
-        "rerun the same command to finish a killed run.",
+        "store the top-k log-probs of every loss position in memory-mapped shards. With --config, "
+        "the teacher, data, temperature, max length and output not given as flags come from the "
+        "distill recipe, so the cache matches it. Resumable: rerun the same command to finish a "
+        "killed run.",
     )
-    p.add_argument("--teacher", required=True, help="teacher model directory")
-    p.add_argument("--data", required=True, help="training data: JSONL or Parquet chat rows")
-    p.add_argument("--output", required=True, help="cache directory")
+    p.add_argument("--config", help="distill recipe YAML to take the settings from")
+    p.add_argument("--teacher", help="teacher model directory (recipe: teacher)")
+    p.add_argument("--data", help="training data: JSONL or Parquet chat rows (recipe: data.train)")
+    p.add_argument("--output", help="cache directory (recipe: teacher_cache)")
     p.add_argument("--top-k", type=int, default=64, help="log-probs kept per token (default: 64)")
     p.add_argument(
         "--tail-samples",
@@ -216,27 +219,61 @@ def _add_cache_teacher(sub: argparse._SubParsersAction) -> None:
         "forward KL from the cache is unbiased for the full vocabulary (default: 0)",
     )
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="must equal loss.temperature (default: 1)"
+        "--temperature",
+        type=float,
+        help="must equal loss.temperature (default: the recipe's, or 1)",
     )
     p.add_argument(
-        "--max-length", type=int, default=512, help="must equal data.max_length (default: 512)"
+        "--max-length",
+        type=int,
+        help="must equal data.max_length (default: the recipe's, or 512)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.set_defaults(func=_run_cache_teacher)
 
 
+def _cache_settings(args: argparse.Namespace) -> dict:
+    """write_cache's teacher, data, output, temperature and max_length: the flags, and for those
+    not given the recipe's fields (--config), so the cache matches the recipe that will read it."""
+    settings = {
+        "teacher": args.teacher,
+        "data": args.data,
+        "output": args.output,
+        "temperature": args.temperature,
+        "max_length": args.max_length,
+    }
+    if args.config:
+        cfg = load_distill_config(args.config)
+        recipe = {
+            "teacher": cfg.teacher,
+            "data": cfg.data.train,
+            "output": cfg.teacher_cache,
+            "temperature": cfg.loss.temperature,
+            "max_length": cfg.data.max_length,
+        }
+        settings = {k: recipe[k] if v is None else v for k, v in settings.items()}
+    for flag, field in [
+        ("teacher", "teacher"),
+        ("data", "data.train"),
+        ("output", "teacher_cache"),
+    ]:
+        if settings[flag] is None:
+            why = f"{args.config} has no {field}" if args.config else f"or --config with {field}"
+            raise UserError(f"cache-teacher needs --{flag}: {why}")
+    # A temperature or max_length left unset takes write_cache's default, the recipe's default too.
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 def _run_cache_teacher(args: argparse.Namespace) -> None:
     from chatdistill.distill.cache import write_cache
 
+    settings = _cache_settings(args)
+    args.output = settings["output"]  # so a refused or failed write names the recipe's output
     meta = write_cache(
-        args.teacher,
-        args.data,
-        args.output,
+        **settings,
         top_k=args.top_k,
-        temperature=args.temperature,
         tail_samples=args.tail_samples,
-        max_length=args.max_length,
         batch_size=args.batch_size,
         device=args.device,
     )
@@ -269,7 +306,7 @@ def _add_generate_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate_data(args: argparse.Namespace) -> None:
-    from chatdistill.distill.rollout import generate_data
+    from chatdistill.distill.teacher_answers import generate_data
 
     s = generate_data(
         args.teacher,

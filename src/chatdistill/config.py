@@ -10,9 +10,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chatdistill.distill.divergences import DIVERGENCES
 from chatdistill.errors import UserError
 
-LossKind = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "sft"]
+# A registered divergence, or "sft" for cross-entropy on the reference answers only.
+LOSS_KINDS = (*DIVERGENCES, "sft")
+LossKind = Literal[LOSS_KINDS]
 
 
 class _Strict(BaseModel):

@@ -18,15 +18,28 @@ from chatdistill.errors import UserError
 from chatdistill.models.tokenizer import CHATML_TEMPLATE
 
 ROLES = ("system", "user", "assistant")
-IGNORE = -100
+IGNORE = -100  # the label of a token that carries no loss (also PyTorch's and HF's default)
 
 
 @dataclass
 class Example:
-    """One rendered conversation. `labels` is aligned with `input_ids` (-100 = no loss)."""
+    """One rendered conversation. `labels` is aligned with `input_ids` (IGNORE = no loss)."""
 
     input_ids: list[int]
     labels: list[int]
+
+    @property
+    def n_loss_positions(self) -> int:
+        """How many positions t have a next token t+1 that carries loss (see loss_positions)."""
+        return sum(label != IGNORE for label in self.labels[1:])
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T-1) bool: positions t whose next token t+1 carries loss.
+
+    Labels are aligned with input_ids (HF convention), so the output at t predicts label t+1.
+    """
+    return labels[:, 1:] != IGNORE
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, object]]:
@@ -191,10 +204,6 @@ class Dataset:
 
     examples: list[Example]
     dropped: int
-    source: str
-
-    def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
 
 
 def build_dataset(rows: list[dict], tokenizer, max_length: int, source: str) -> Dataset:
@@ -211,7 +220,7 @@ def build_dataset(rows: list[dict], tokenizer, max_length: int, source: str) -> 
             f"{source}: no conversation keeps an assistant token within max_length={max_length}; "
             "raise data.max_length"
         )
-    return Dataset(examples, dropped, source)
+    return Dataset(examples, dropped)
 
 
 def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

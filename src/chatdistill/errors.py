@@ -15,16 +15,6 @@ class UserError(Exception):
     """Bad input (file, config value, model pairing) the user can correct."""
 
 
-def where(path: object, line: int | None = None, field: str | None = None) -> str:
-    """Format a location as `path:line (field)` for error messages."""
-    loc = str(path)
-    if line is not None:
-        loc += f":{line}"
-    if field:
-        loc += f" ({field})"
-    return loc
-
-
 # Libraries that drop the errno of a failed write: safetensors keeps the OS message,
 # torch.save only says its stream failed.
 _DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")

@@ -221,7 +221,7 @@ class KDInputs:
 def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
     """Stages 1-3: data, the teacher's answers to every prompt, and its cache (each reused)."""
     from chatdistill.distill.cache import write_cache
-    from chatdistill.distill.rollout import generate_data
+    from chatdistill.distill.teacher_answers import generate_data
 
     assets = _assets(cfg)
     teacher = Path(cfg.teacher) if cfg.teacher else assets / "teacher"

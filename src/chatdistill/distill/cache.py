@@ -24,17 +24,18 @@ import numpy as np
 import torch
 
 from chatdistill import atomic
-from chatdistill.config import DistillConfig
 from chatdistill.data import (
     Dataset,
     Example,
+    build_dataset,
     collate,
     load_rows,
-    render_example,
+    loss_positions,
     require_references,
 )
-from chatdistill.distill.losses import SparseLogprobs
-from chatdistill.distill.teacher import forward_mask, loss_positions
+from chatdistill.distill.divergences import SparseLogprobs
+from chatdistill.distill.fingerprints import file_sha256, teacher_fingerprint
+from chatdistill.distill.positions import hidden_at_loss_positions
 from chatdistill.errors import UserError
 from chatdistill.models import (
     check_vocab,
@@ -49,7 +50,6 @@ FORMAT = "chatdistill-teacher-cache"
 VERSION = 1
 META = "cache.json"
 SHARD_POSITIONS = 1 << 19  # ~128 MiB per shard at k=64 with uint16 ids
-_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 _DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "F16": np.float16}
 _KEY_BYTES = 16
 
@@ -59,39 +59,6 @@ def example_key(ex: Example) -> bytes:
     h = hashlib.sha256(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
     h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
     return h.digest()[:_KEY_BYTES]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def teacher_fingerprint(model_dir: str | Path) -> str:
-    """Hash identifying a teacher's weights without reading them all (fast for multi-GB models).
-
-    Covers config.json and, for every *.safetensors file: its name, size, JSON header (names,
-    dtypes, shapes, offsets) and 16 evenly spaced 64 KiB samples of its data, so two checkpoints
-    of the same architecture differ unless their sampled bytes are equal.
-    """
-    d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise UserError(f"teacher {model_dir}: no config.json there; is it a model directory?")
-    h = hashlib.sha256((d / "config.json").read_bytes())
-    for f in sorted(d.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, size)))
-            start = 8 + n
-            span = max(size - start - _SAMPLE_BYTES, 0)
-            for i in range(_SAMPLES):
-                fh.seek(start + span * i // max(_SAMPLES - 1, 1))
-                h.update(fh.read(_SAMPLE_BYTES))
-    return h.hexdigest()[:16]
 
 
 def id_dtype(vocab_size: int) -> type:
@@ -172,9 +139,22 @@ class CachedTeacher:
         self.index = {k: (i, e) for i, sh in enumerate(self.shards) for e, k in enumerate(sh.keys)}
 
     @classmethod
-    def open(cls, cfg: DistillConfig, tokenizer, train_data: Dataset | None) -> "CachedTeacher":
-        """Open `cfg.teacher_cache` and refuse it unless it matches the recipe, saying why."""
-        path = Path(cfg.teacher_cache)
+    def open(
+        cls,
+        path: str | Path,
+        tokenizer,
+        train_data: Dataset | None,
+        *,
+        temperature: float,
+        max_length: int,
+        teacher: str | None = None,
+        data: str | None = None,
+    ) -> "CachedTeacher":
+        """Open the cache at `path` and refuse it unless it matches the recipe, saying why: its
+        tokenizer, `temperature` (loss.temperature) and `max_length` (data.max_length), the
+        `teacher` when one is given as a directory, and every conversation of `train_data` (read
+        from `data`)."""
+        path = Path(path)
         meta = read_meta(path)
         rebuild = "rebuild it with `chatdistill cache-teacher`"
         if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
@@ -183,24 +163,24 @@ class CachedTeacher:
                 f"{meta['tokenizer_fingerprint']}, this run's {tokenizer_fingerprint(tokenizer)}); "
                 f"{rebuild} using this tokenizer's teacher"
             )
-        if meta["temperature"] != cfg.loss.temperature:
+        if meta["temperature"] != temperature:
             raise UserError(
                 f"{path}: cache holds log-probs at temperature {meta['temperature']} but "
-                f"loss.temperature is {cfg.loss.temperature}; set loss.temperature="
-                f"{meta['temperature']} or {rebuild} --temperature {cfg.loss.temperature}"
+                f"loss.temperature is {temperature}; set loss.temperature="
+                f"{meta['temperature']} or {rebuild} --temperature {temperature}"
             )
-        if meta["max_length"] != cfg.data.max_length:
+        if meta["max_length"] != max_length:
             raise UserError(
                 f"{path}: cache was built with max_length {meta['max_length']} but "
-                f"data.max_length is {cfg.data.max_length}; set data.max_length="
-                f"{meta['max_length']} or {rebuild} --max-length {cfg.data.max_length}"
+                f"data.max_length is {max_length}; set data.max_length="
+                f"{meta['max_length']} or {rebuild} --max-length {max_length}"
             )
-        if cfg.teacher and Path(cfg.teacher).is_dir():
-            fp = teacher_fingerprint(cfg.teacher)
+        if teacher and Path(teacher).is_dir():
+            fp = teacher_fingerprint(teacher)
             if fp != meta["teacher_fingerprint"]:
                 raise UserError(
                     f"{path}: cache was built from another teacher ({meta['teacher']}, "
-                    f"fingerprint {meta['teacher_fingerprint']}) than --teacher {cfg.teacher} "
+                    f"fingerprint {meta['teacher_fingerprint']}) than --teacher {teacher} "
                     f"({fp}); pass the cache's teacher or {rebuild}"
                 )
         cache = cls(path, meta)
@@ -209,8 +189,8 @@ class CachedTeacher:
             if missing:
                 raise UserError(
                     f"{path}: {missing} of {len(train_data.examples)} training conversations from "
-                    f"{cfg.data.train} are not in the cache, built from {meta['data']} (sha256 "
-                    f"{meta['dataset_sha256'][:12]}); {rebuild} --data {cfg.data.train}"
+                    f"{data} are not in the cache, built from {meta['data']} (sha256 "
+                    f"{meta['dataset_sha256'][:12]}); {rebuild} --data {data}"
                 )
         return cache
 
@@ -227,8 +207,7 @@ class CachedTeacher:
             raise UserError(f"{self.path}: a conversation is not in the cache; rebuild it")
         shard = self.shards[found[0]]
         ids, logprobs = shard.positions(found[1])
-        expected = sum(label != -100 for label in ex.labels[1:])
-        if len(ids) != expected or (len(ids) and int(ids.max()) >= self.vocab_size):
+        if len(ids) != ex.n_loss_positions or (len(ids) and int(ids.max()) >= self.vocab_size):
             raise UserError(
                 f"{shard.path}: corrupt shard (positions do not match the conversation); delete "
                 "it and rerun `chatdistill cache-teacher` with the same arguments"
@@ -253,26 +232,16 @@ class CachedTeacher:
 # ---------------------------------------------------------------------------------------- writing
 
 
-def _render_unique(rows: list[dict], tokenizer, max_length: int) -> tuple[list[Example], int]:
-    """Rendered examples in data order with duplicates removed, and how many were dropped."""
-    seen, out, dropped = set(), [], 0
-    for row in rows:
-        ex = render_example(tokenizer, row["messages"], max_length)
-        if ex is None:
-            dropped += 1
-            continue
-        key = example_key(ex)
-        if key not in seen:
-            seen.add(key)
-            out.append(ex)
-    return out, dropped
+def _unique(examples: list[Example]) -> list[Example]:
+    """The examples in data order with repeats (equal content keys) removed."""
+    return list({example_key(ex): ex for ex in examples}.values())
 
 
 def _plan(examples: list[Example], shard_positions: int) -> list[dict]:
     """Cut the examples into shards of about `shard_positions` loss positions each."""
     shards, start, count = [], 0, 0
     for i, ex in enumerate(examples):
-        count += sum(label != -100 for label in ex.labels[1:])
+        count += ex.n_loss_positions
         if count >= shard_positions or i == len(examples) - 1:
             shards.append({"file": f"shard-{len(shards):05d}.safetensors", "start": start})
             shards[-1].update(end=i + 1, positions=count)
@@ -313,10 +282,8 @@ def sparse_targets(
 @torch.no_grad()
 def _teacher_sparse(base, head, batch: dict, vocab: int, meta: dict, generator, chunk: int):
     """Sparse targets (see `sparse_targets`) for the batch's loss positions -> ids, logprobs."""
-    hidden = base(
-        input_ids=batch["input_ids"], attention_mask=forward_mask(batch["attention_mask"])
-    )
-    hidden = hidden.last_hidden_state[:, :-1][loss_positions(batch["labels"])]  # (N, H)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    hidden = hidden_at_loss_positions(base, ids, mask, labels)  # (N, H)
     ids, lps = [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = head(hidden[s : s + chunk])[:, :vocab].float() / meta["temperature"]
@@ -386,9 +353,8 @@ def write_cache(
         )
     rows = load_rows(data)
     require_references(rows, data, "the teacher cache")
-    examples, dropped = _render_unique(rows, tokenizer, max_length)
-    if not examples:
-        raise UserError(f"{data}: no conversation keeps an assistant token within {max_length}")
+    dataset = build_dataset(rows, tokenizer, max_length, str(data))
+    examples, dropped = _unique(dataset.examples), dataset.dropped
     out = Path(output)
     meta = {
         "format": FORMAT,

@@ -3,18 +3,10 @@
 Autograd through a divergence over a (n, V) chunk records every elementwise step (log-softmax,
 mixture, exp, products, masks) and replays each one backwards: dozens of passes over the chunk.
 Here each divergence's gradient with respect to the student's log-probs, g = dL/ds, is written out
-(below), and the softmax's Jacobian turns it into the logits' gradient, dL/dz = (g - p_s·Σg) / T.
-That is a handful of passes, and the same numbers as autograd through `losses.per_token_divergence`
-(tested). `losses.chunked_loss` uses it whenever it trains.
+(beside its value, in `divergences`), and the softmax's Jacobian turns it into the logits'
+gradient, dL/dz = (g - p_s·Σg) / T. That is a handful of passes, and the same numbers as autograd
+through `losses.per_token_divergence` (tested). `losses.chunked_loss` uses it whenever it trains.
 
-With s, t the student's and teacher's log-probs at temperature T and p_s, p_t their probabilities:
-  fkl       L = Σ p_t (t - s)                          g = -p_t
-  rkl       L = Σ p_s (s - t)                          g = p_s (s - t + 1)
-  jsd(b)    m = log(b·p_t + (1-b)·p_s)
-            L = b·Σ p_t (t - m) + (1-b)·Σ p_s (s - m)  g = (1-b) p_s (s - m)
-  skew_fkl  m = log(a·p_t + (1-a)·p_s), L = Σ p_t (t - m)   g = -(1-a) p_t p_s / e^m
-  skew_rkl  m = log(a·p_s + (1-a)·p_t), L = Σ p_s (s - m)   g = p_s (s - m + 1 - a·p_s / e^m)
-  tvd       L = ½ Σ |p_t - p_s|                         g = ½ p_s sign(p_s - p_t)
 A sparse teacher (top-k buckets plus a tail) has only k + 1 buckets, so its g comes from autograd
 over those buckets and is scattered back onto the vocabulary.
 """
@@ -22,54 +14,7 @@ over those buckets and is scattered back onto the vocabulary.
 import torch
 import torch.nn.functional as F
 
-from chatdistill.distill.losses import SparseLogprobs, Teacher, sparse_divergence
-
-# The smallest normal float32: a mixture below it (both sides underflowed) is clamped there, so
-# log(mixture) stays finite and 0·(s - m) stays 0.
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def _log_mixture(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w·a + (1-w)·b) from probabilities, clamped away from log 0."""
-    return (a * w).add_(b, alpha=1 - w).clamp_(min=_TINY).log_()
-
-
-def _dense_rows_and_g(
-    s: torch.Tensor, ps: torch.Tensor, t: torch.Tensor, kind: str, beta: float, skew: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row divergence (n,) and g = dL/ds (n, V) from student log-probs s (probabilities ps)
-    and teacher log-probs t. Allocates as few (n, V) buffers as it can; ps is left intact."""
-    pt = t.exp()
-    if kind == "jsd" and beta == 0:
-        kind = "fkl"
-    elif kind == "jsd" and beta == 1:
-        kind = "rkl"
-    if kind == "fkl":
-        rows = (t - s).mul_(pt).sum(-1)
-        return rows, pt.neg_()
-    if kind == "rkl":
-        g = (s - t).mul_(ps)
-        rows = g.sum(-1)
-        return rows, g.add_(ps)
-    if kind == "jsd":
-        m = _log_mixture(pt, ps, beta)
-        g = (s - m).mul_(ps)
-        rows = (t - m).mul_(pt).sum(-1).mul_(beta).add_(g.sum(-1), alpha=1 - beta)
-        return rows, g.mul_(1 - beta)
-    if kind == "skew_fkl":
-        m = _log_mixture(pt, ps, skew)
-        rows = (t - m).mul_(pt).sum(-1)
-        return rows, m.neg_().exp_().mul_(pt).mul_(ps).mul_(-(1 - skew))
-    if kind == "skew_rkl":
-        m = _log_mixture(ps, pt, skew)
-        g = (s - m).mul_(ps)
-        rows = g.sum(-1)
-        return rows, g.add_(ps).sub_(m.neg_().exp_().mul_(ps).mul_(ps).mul_(skew))
-    if kind == "tvd":
-        diff = ps - pt
-        rows = diff.abs().sum(-1).mul_(0.5)
-        return rows, diff.sign_().mul_(ps).mul_(0.5)
-    raise ValueError(f"unknown divergence {kind!r}")
+from chatdistill.distill.divergences import SparseLogprobs, Teacher, divergence, sparse_divergence
 
 
 def _sparse_rows_and_g(
@@ -123,7 +68,7 @@ def loss_and_logit_grad(
         else:
             tz = teacher.float()
             t = F.log_softmax(tz if T == 1 else tz / T, dim=-1)
-            rows, g = _dense_rows_and_g(s, ps, t, kind, beta, skew)
+            rows, g = divergence(kind).rows_and_grad(s, ps, t, beta, skew)
         kd = rows.sum() * T**2
         g = _logit_grad(g, ps, w_kd * T)  # T² from the loss's scale, 1/T from the softmax
         grad = g if grad is None else grad.add_(g)

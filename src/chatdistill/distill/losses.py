@@ -1,91 +1,27 @@
 """Distillation losses as pure functions on logits.
 
 Shapes: N = loss-carrying positions (selected from (B, T)), V = vocabulary, k = cached top-k.
-Every divergence returns one value per position, (N,); `chunked_loss` evaluates them a chunk of
+The divergences themselves are registered in `divergences`; each gives one value per position,
+(N,), and `per_token_divergence` applies one to logits. `chunked_loss` evaluates them a chunk of
 positions at a time, taking each chunk's gradient as it goes, so full-vocabulary float32 logits
 for the whole batch never sit in memory; `step_weights` divides by the tokens of the whole
 optimizer step so gradient accumulation does not change the result.
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
-
-
-_UNUSED = -1e4  # log-prob of an unused sparse slot: exp() is exactly 0 in float32
-
-
-@dataclass
-class SparseLogprobs:
-    """Teacher log-probs of k tokens (already at the training temperature); the rest of the
-    vocabulary is one tail bucket. The tokens are the top-k, or the top ones plus tokens sampled
-    from the rest, each carrying its share of the rest's mass (see cache.sparse_targets); a slot
-    with log-prob -inf is unused.
-
-    ids (N, k) int64, logprobs (N, k) float32.
-    """
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-
-    def __getitem__(self, s: slice) -> "SparseLogprobs":
-        return SparseLogprobs(self.ids[s], self.logprobs[s])
-
-
-Teacher = torch.Tensor | SparseLogprobs
-
-
-def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dim from log-probs; 0·log 0 counts as 0. (N, K) -> (N,)"""
-    p = p_log.exp()
-    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
-
-
-def _mix(a_log: torch.Tensor, b_log: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w·a + (1-w)·b) from log-probs, stable."""
-    if w <= 0:
-        return b_log
-    if w >= 1:
-        return a_log
-    return torch.logaddexp(a_log + torch.tensor(w).log(), b_log + torch.tensor(1 - w).log())
-
-
-def divergence_from_logprobs(
-    s_log: torch.Tensor, t_log: torch.Tensor, kind: str, beta: float = 0.5, skew: float = 0.1
-) -> torch.Tensor:
-    """Per-position divergence between teacher (t) and student (s) log-distributions. (N, K) -> (N,)
-
-    fkl = KL(t||s); rkl = KL(s||t); jsd(beta) = beta·KL(t||m) + (1-beta)·KL(s||m) with
-    m = beta·t + (1-beta)·s, taking its limits beta=0 -> fkl, beta=1 -> rkl (GKD, Agarwal et al.);
-    skew_fkl = KL(t || skew·t + (1-skew)·s), skew_rkl = KL(s || skew·s + (1-skew)·t) (DistiLLM);
-    tvd = ½·Σ|t - s|.
-    """
-    if kind == "fkl" or (kind == "jsd" and beta == 0):
-        return _kl(t_log, s_log)
-    if kind == "rkl" or (kind == "jsd" and beta == 1):
-        return _kl(s_log, t_log)
-    if kind == "jsd":
-        m = _mix(t_log, s_log, beta)
-        return beta * _kl(t_log, m) + (1 - beta) * _kl(s_log, m)
-    if kind == "skew_fkl":
-        return _kl(t_log, _mix(t_log, s_log, skew))
-    if kind == "skew_rkl":
-        return _kl(s_log, _mix(s_log, t_log, skew))
-    if kind == "tvd":
-        return 0.5 * (t_log.exp() - s_log.exp()).abs().sum(-1)
-    raise ValueError(f"unknown divergence {kind!r}; choose from {', '.join(DIVERGENCES)}")
-
-
-def _tail(logprobs: torch.Tensor) -> torch.Tensor:
-    """log(1 - Σ exp(logprobs)) over the last dim, clamped away from log 0. (N, k) -> (N, 1)"""
-    mass = logprobs.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
-    return torch.log1p(-mass)
+from chatdistill.distill.divergences import (
+    SparseLogprobs,
+    Teacher,
+    divergence_from_logprobs,
+    sparse_divergence,
+)
+from chatdistill.distill.loss_grads import ClosedFormLoss, loss_and_logit_grad
 
 
 def per_token_divergence(
@@ -109,21 +45,6 @@ def per_token_divergence(
         t_log = F.log_softmax(teacher.float() / temperature, dim=-1)
         rows = divergence_from_logprobs(s_log, t_log, kind, beta, skew)
     return rows * temperature**2
-
-
-def sparse_divergence(
-    s_top: torch.Tensor, teacher: SparseLogprobs, kind: str, beta: float = 0.5, skew: float = 0.1
-) -> torch.Tensor:
-    """Divergence over k+1 buckets, the teacher's k tokens and the mass of everything else, from
-    the student's log-probs of those k tokens, s_top (N, k). (N,), not scaled by T²."""
-    # -inf marks an unused slot (a merged duplicate sample): no mass on either side. A finite
-    # stand-in keeps 0·(-inf - x) out of the backward pass.
-    unused = torch.isneginf(teacher.logprobs)
-    s_top = s_top.masked_fill(unused, _UNUSED)
-    t_top = teacher.logprobs.float().masked_fill(unused, _UNUSED)
-    s_log = torch.cat([s_top, _tail(s_top)], dim=-1)
-    t_log = torch.cat([t_top, _tail(t_top)], dim=-1)
-    return divergence_from_logprobs(s_log, t_log, kind, beta, skew)
 
 
 def per_token_ce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -213,9 +134,6 @@ def chunked_loss(
     chunks run under activation checkpointing, which also works where parameters are sharded
     (FSDP, DeepSpeed ZeRO-3). Without gradients the plain per-token functions run.
     """
-    # loss_grads builds on this module's divergences, hence the import here
-    from chatdistill.distill.loss_grads import ClosedFormLoss, loss_and_logit_grad
-
     w_ce, w_kd = weights
 
     def plain(h: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

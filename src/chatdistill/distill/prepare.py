@@ -1,4 +1,5 @@
-"""Everything `train` needs before the first step: tokenizer, data, teacher, student, optimizer.
+"""Everything `train` needs before the first step: `prepare(cfg, accelerator)` loads and checks
+the tokenizer, data, teacher (live or cached), student, optimizer and schedule into a `Setup`.
 
 The student is wrapped in `StudentLoss`, a module whose forward computes the loss sums, so that
 accelerate's wrappers (DDP, FSDP, DeepSpeed) see the whole computation in their forward pass.
@@ -11,17 +12,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from chatdistill.config import DistillConfig
+from chatdistill.config import DistillConfig, LossConfig
 from chatdistill.data import (
     Dataset,
     build_dataset,
     has_reference,
     load_rows,
+    loss_positions,
     require_references,
     split_rows,
 )
+from chatdistill.distill.cache import CachedTeacher
 from chatdistill.distill.losses import chunk_size_for, chunked_loss
-from chatdistill.distill.teacher import LiveTeacher, TeacherSource, forward_mask, loss_positions
+from chatdistill.distill.positions import hidden_at_loss_positions
+from chatdistill.distill.teacher import LiveTeacher, TeacherSource
 from chatdistill.errors import UserError
 from chatdistill.models import (
     check_vocab,
@@ -42,23 +46,20 @@ class StudentLoss(torch.nn.Module):
     `fused` takes each loss chunk's gradient in the forward pass (see losses.chunked_loss); it is
     turned off where the head's parameters are sharded (FSDP, DeepSpeed)."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, cfg: DistillConfig, fused: bool):
+    def __init__(self, model: torch.nn.Module, vocab_size: int, loss: LossConfig, fused: bool):
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
-        self.loss_cfg = cfg.loss
+        self.loss_cfg = loss
         self.fused = fused
 
     def forward(self, input_ids, attention_mask, labels, teacher_fn=None, weights=(1.0, 1.0)):
         base, head = hidden_and_head(self.model)
-        sel = loss_positions(labels)
-        mask = forward_mask(attention_mask)
-        hidden = base(input_ids=input_ids, attention_mask=mask).last_hidden_state
         lc = self.loss_cfg
         return chunked_loss(
-            hidden[:, :-1][sel],
+            hidden_at_loss_positions(base, input_ids, attention_mask, labels),
             lambda x: head(x)[:, : self.vocab_size],
-            labels[:, 1:][sel],
+            labels[:, 1:][loss_positions(labels)],
             teacher_fn,
             lc.kind,
             weights=weights,
@@ -199,13 +200,19 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         teacher_model = teacher_model.to(accelerator.device, dtype=dtype)
         teacher = val_teacher = LiveTeacher(teacher_model, vocab)
     elif cfg.teacher_cache:
-        from chatdistill.distill.cache import CachedTeacher
-
-        teacher = CachedTeacher.open(cfg, tokenizer, train_data)
+        teacher = CachedTeacher.open(
+            cfg.teacher_cache,
+            tokenizer,
+            train_data,
+            temperature=cfg.loss.temperature,
+            max_length=cfg.data.max_length,
+            teacher=cfg.teacher,
+            data=cfg.data.train,
+        )
         # The cache holds the whole data file, so a split of it can be scored from the cache too.
         val_teacher = teacher if val_data is not None and teacher.covers(val_data) else None
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    loss_module = StudentLoss(student, vocab, cfg, fused=not sharded)
+    loss_module = StudentLoss(student, vocab, cfg.loss, fused=not sharded)
     # The fused AdamW kernel (CPU and CUDA) updates all parameters in one pass.
     optimizer = torch.optim.AdamW(
         student.parameters(),

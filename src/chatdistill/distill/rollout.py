@@ -1,42 +1,36 @@
-"""Sampled answers: the student's own (on-policy distillation), the teacher's (sequence-level KD).
+"""On-policy distillation (GKD, Agarwal et al. 2024): the student's own answers to training prompts.
 
-On-policy (GKD, Agarwal et al. 2024): on a seeded share of steps the trainer swaps the step's
-micro-batches for the student's answers to training prompts; the live teacher then scores every
-sampled token. Every random choice is keyed by (seed, step), so a resumed run samples exactly what
-an uninterrupted one would have.
-
-Sequence-level KD (Kim & Rush 2016): `generate_data` writes the teacher's answers as chat JSONL that
-any recipe trains on. It appends and skips rows already written, so a killed run resumes.
+On a seeded share of steps the trainer swaps the step's micro-batches for the student's answers to
+training prompts; the live teacher then scores every sampled token. Every random choice is keyed by
+(seed, step), so a resumed run samples exactly what an uninterrupted one would have.
 """
 
-import json
-import os
 import random
-import time
-from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+
+from chatdistill.config import OnPolicyConfig
 from chatdistill.data import (
     IGNORE,
     Example,
     collate,
-    load_rows,
     render_example,
     render_prompt,
     split_prompt_reference,
 )
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
-from chatdistill.progress import RateBar
 
 
-def _rng(*parts: object) -> random.Random:
+def seeded_rng(*parts: object) -> random.Random:
     """A generator seeded by the parts' string form (str seeds hash stably across runs)."""
     return random.Random(":".join(str(p) for p in parts))
 
 
 def is_on_policy_step(fraction: float, seed: int, step: int) -> bool:
     """Whether optimizer step `step` (0-based) trains on student samples; a function of its args."""
-    return fraction > 0 and _rng(seed, step, "on-policy").random() < fraction
+    return fraction > 0 and seeded_rng(seed, step, "on-policy").random() < fraction
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -53,30 +47,46 @@ def sampled_example(prompt_ids: list[int], answer_ids: list[int], end_id: int | 
 
 
 class OnPolicySampler:
-    """Samples the student's answers to training prompts for the trainer's on-policy steps."""
+    """Samples the student's answers to training prompts for the trainer's on-policy steps.
 
-    def __init__(self, setup) -> None:
-        cfg = setup.cfg
-        self.cfg, self.accelerator, self.pad_id = cfg, setup.accelerator, setup.pad_id
-        self.engine = Engine(setup.student, setup.tokenizer)
-        self.end_id = end_of_turn_id(setup.tokenizer)
-        limit = min(cfg.data.max_length, self.engine.context_length)
+    `settings` are the recipe's on_policy section; `seed` (train.seed) keys every draw,
+    `batch_size` (train.batch_size) is per micro-batch, and no sample runs past `max_length`
+    (data.max_length) tokens. `source` names the prompts' file in errors.
+    """
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        tokenizer,
+        accelerator: Accelerator,
+        prompt_rows: list[dict],
+        settings: OnPolicyConfig,
+        *,
+        seed: int,
+        batch_size: int,
+        max_length: int,
+        source: str | None,
+    ) -> None:
+        self.accelerator, self.pad_id = accelerator, tokenizer.pad_token_id
+        self.settings, self.seed, self.batch_size = settings, seed, batch_size
+        self.engine = Engine(student, tokenizer)
+        self.end_id = end_of_turn_id(tokenizer)
+        limit = min(max_length, self.engine.context_length)
         prompts = [
-            render_prompt(setup.tokenizer, split_prompt_reference(r["messages"])[0])
-            for r in setup.prompt_rows
+            render_prompt(tokenizer, split_prompt_reference(r["messages"])[0]) for r in prompt_rows
         ]
         # A prompt needs room for one answer token and the end-of-turn token.
         self.prompts = [p for p in prompts if len(p) + 2 <= limit]
         self.limit = limit
         if not self.prompts:
             raise UserError(
-                f"{cfg.data.train}: on-policy training found no prompt shorter than "
-                f"data.max_length={cfg.data.max_length} (minus 2 answer tokens); give prompts or "
+                f"{source}: on-policy training found no prompt shorter than "
+                f"data.max_length={max_length} (minus 2 answer tokens); give prompts or "
                 "raise data.max_length"
             )
 
     def is_on_policy(self, step: int) -> bool:
-        return is_on_policy_step(self.cfg.on_policy.fraction, self.cfg.train.seed, step)
+        return is_on_policy_step(self.settings.fraction, self.seed, step)
 
     def micro_batches(self, step: int, rank: int, world: int, n_micro: int) -> list:
         """This process's `n_micro` micro-batches of fresh student samples, as [(examples, batch)].
@@ -84,8 +94,8 @@ class OnPolicySampler:
         All processes draw the same prompts and seeds for the step; micro-batch m of rank r takes
         slot m·world + r, as the off-policy path does.
         """
-        bs, op = self.cfg.train.batch_size, self.cfg.on_policy
-        rng = _rng(self.cfg.train.seed, step, "prompts")
+        bs, op = self.batch_size, self.settings
+        rng = seeded_rng(self.seed, step, "prompts")
         total = n_micro * world * bs
         picks = [(rng.randrange(len(self.prompts)), rng.getrandbits(62)) for _ in range(total)]
         slots = [
@@ -116,119 +126,3 @@ class OnPolicySampler:
             exs = examples[m * bs : (m + 1) * bs]
             out.append((exs, {k: v.to(device) for k, v in collate(exs, self.pad_id).items()}))
         return out
-
-
-# ------------------------------------------------------------------------ sequence-level KD data
-
-
-def _settings_path(output: Path) -> Path:
-    return output.with_name(output.name + ".generate.json")
-
-
-def _complete_lines(output: Path) -> int:
-    """Count complete lines in `output`, cutting a half-written last line left by a killed run."""
-    if not output.exists():
-        return 0
-    data = output.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        with output.open("rb+") as f:
-            f.truncate(keep)
-    return data[:keep].count(b"\n")
-
-
-def generate_data(
-    teacher: str,
-    prompts: str,
-    output: str,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    batch_size: int = 16,
-    seed: int = 0,
-    samples_per_prompt: int = 1,
-    device: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Write the teacher's answers to every prompt row as chat JSONL; resume a partial output.
-
-    Each output row is the input row with its reference answer (if any) replaced by the teacher's;
-    other fields are kept. Row i's sample j is seeded by (seed, i, j), so a resumed file equals an
-    uninterrupted one. Returns a summary (rows written, truncated answers, tokens, tokens/s).
-    """
-    from chatdistill.distill.cache import file_sha256, teacher_fingerprint
-
-    if samples_per_prompt < 1 or batch_size < 1:
-        raise UserError("--samples-per-prompt and --batch-size must be at least 1")
-    if samples_per_prompt > 1 and temperature == 0:
-        raise UserError(
-            "--samples-per-prompt > 1 with --temperature 0 (greedy) repeats one answer; "
-            "set --temperature above 0"
-        )
-    SamplingParams(max_new_tokens, temperature, top_p).validate()
-    rows = load_rows(prompts)
-    out = Path(output)
-    settings = {
-        "teacher_fingerprint": teacher_fingerprint(teacher) if Path(teacher).is_dir() else teacher,
-        "prompts_sha256": file_sha256(prompts),
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": seed,
-        "samples_per_prompt": samples_per_prompt,
-    }
-    side = _settings_path(out)
-    if out.exists():
-        old = json.loads(side.read_text()) if side.is_file() else None
-        if old is None:
-            raise UserError(
-                f"{out} exists and was not written by generate-data; pick a new --output"
-            )
-        diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff:
-            raise UserError(
-                f"{out} was generated with another {diff[0]} ({old.get(diff[0])}); pass the same "
-                "settings to resume, or pick a new --output"
-            )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    side.write_text(json.dumps(settings, indent=1))
-    done = _complete_lines(out)
-    jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)][done:]
-
-    engine = Engine.load(teacher, device=device)
-    prompt_msgs = [split_prompt_reference(r["messages"])[0] for r in rows]
-    ids = {}
-    for i in sorted({i for i, _ in jobs}):
-        ids[i] = engine.encode_chat(prompt_msgs[i])
-        if len(ids[i]) >= engine.context_length:
-            raise UserError(
-                f"{prompts}: row {i + 1} has {len(ids[i])} prompt tokens, more than the teacher's "
-                f"context ({engine.context_length}); shorten or drop it"
-            )
-    summary = {"rows": done, "truncated": 0, "new_tokens": 0, "seconds": 0.0}
-    bar = RateBar("teacher answers", len(jobs), progress)
-    started = time.perf_counter()
-    with out.open("a", encoding="utf-8") as f:
-        step = batch_size * 4
-        for a in range(0, len(jobs), step):
-            part = jobs[a : a + step]
-            params = [
-                SamplingParams(
-                    max_new_tokens, temperature, top_p, seed=_rng(seed, i, j).getrandbits(62)
-                )
-                for i, j in part
-            ]
-            results = engine.generate([ids[i] for i, _ in part], params, batch_size=batch_size)
-            for (i, _), c in zip(part, results, strict=True):
-                answer = {"role": "assistant", "content": c.text}
-                f.write(json.dumps({**rows[i], "messages": [*prompt_msgs[i], answer]}) + "\n")
-                summary["truncated"] += c.finish_reason == "length"
-                summary["new_tokens"] += len(c.token_ids)
-            f.flush()
-            os.fsync(f.fileno())
-            summary["rows"] += len(part)
-            bar.advance(len(part), sum(len(c.token_ids) for c in results))
-    bar.close()
-    summary["seconds"] = time.perf_counter() - started
-    summary["tokens_per_s"] = summary["new_tokens"] / max(summary["seconds"], 1e-9)
-    return summary

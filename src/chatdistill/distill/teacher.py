@@ -11,22 +11,9 @@ from typing import Protocol
 import torch
 
 from chatdistill.data import Example
-from chatdistill.distill.losses import Teacher
+from chatdistill.distill.divergences import Teacher
+from chatdistill.distill.positions import hidden_at_loss_positions
 from chatdistill.models import hidden_and_head
-
-
-def loss_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels -> (B, T-1) bool: positions t whose next token t+1 carries loss."""
-    return labels[:, 1:] != -100
-
-
-def forward_mask(mask: torch.Tensor) -> torch.Tensor | None:
-    """The attention mask to give a causal LM for a (B, T) padding mask: None when every row is
-    padded on the right only (as `data.collate` pads). Causal attention already keeps each real
-    token from seeing the later padding, so the outputs at real positions are the same, and the
-    model takes its mask-free path (no 4D mask built, causal attention kernels)."""
-    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
-    return None if right_padded else mask
 
 
 class TeacherSource(Protocol):
@@ -47,8 +34,7 @@ class LiveTeacher:
     def targets(
         self, batch: dict[str, torch.Tensor], examples: list[Example]
     ) -> Callable[[slice], Teacher]:
-        mask = forward_mask(batch["attention_mask"])
-        out = self.base(input_ids=batch["input_ids"], attention_mask=mask)
-        hidden = out.last_hidden_state[:, :-1][loss_positions(batch["labels"])]  # (N, H)
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        hidden = hidden_at_loss_positions(self.base, ids, mask, labels)  # (N, H)
         v = self.vocab_size
         return lambda s: self.head(hidden[s])[:, :v]

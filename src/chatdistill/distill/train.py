@@ -19,12 +19,11 @@ from accelerate.utils import set_seed
 
 from chatdistill.allocator import keep_freed_memory
 from chatdistill.config import DistillConfig, save_config
-from chatdistill.data import Dataset, collate, iter_batches
+from chatdistill.data import Dataset, collate, iter_batches, loss_positions
 from chatdistill.distill import checkpoint as ckpt
 from chatdistill.distill.losses import step_weights
 from chatdistill.distill.prepare import Setup, prepare
 from chatdistill.distill.rollout import OnPolicySampler
-from chatdistill.distill.teacher import loss_positions
 from chatdistill.errors import UserError
 from chatdistill.progress import TrainProgress
 
@@ -113,6 +112,21 @@ def _mixed_precision(cfg: DistillConfig) -> str:
     return "bf16" if p == "bf16" else "no"
 
 
+def _sampler(s: Setup) -> OnPolicySampler:
+    cfg = s.cfg
+    return OnPolicySampler(
+        s.student,
+        s.tokenizer,
+        s.accelerator,
+        s.prompt_rows,
+        cfg.on_policy,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+        max_length=cfg.data.max_length,
+        source=cfg.data.train,
+    )
+
+
 def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
     acc, t = s.accelerator, s.cfg.train
     world, rank = acc.num_processes, acc.process_index
@@ -121,7 +135,7 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
         batches = iter_batches(
             s.train_data, t.batch_size, t.seed, state["epoch"], state["next_batch"]
         )
-    sampler = OnPolicySampler(s) if s.cfg.on_policy.fraction > 0 else None
+    sampler = _sampler(s) if s.cfg.on_policy.fraction > 0 else None
     progress = TrainProgress(t.max_steps, state["step"], enabled=acc.is_main_process)
     s.loss_module.train()
     try:

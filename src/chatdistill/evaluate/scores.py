@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import CHRF
 
-IGNORE_INDEX = -100
+from chatdistill.data import loss_positions
 
 # ---------------------------------------------------------------------------------------------
 # Token-level scores on logits
@@ -54,13 +54,14 @@ class TokenSums:
 def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions whose logits predict a scored label, and those labels.
 
-    labels (B, T), -100 where not scored (HF convention: aligned with input_ids; the logits at
-    position t predict the token at t+1). Returns (mask (B, T) bool over logits, targets (N,)).
+    labels (B, T), `data.IGNORE` where not scored (HF convention: aligned with input_ids; the
+    logits at position t predict the token at t+1). Returns (mask (B, T) bool over logits,
+    targets (N,)).
     """
-    shifted = labels[:, 1:]
+    scored = loss_positions(labels)
     mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = shifted != IGNORE_INDEX
-    return mask, shifted[shifted != IGNORE_INDEX]
+    mask[:, :-1] = scored
+    return mask, labels[:, 1:][scored]
 
 
 def token_scores(
