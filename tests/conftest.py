@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF files convert once into this cache (build/ is ignored by git), reused by later test runs.
+os.environ.setdefault(
+    "CHATDISTILL_CACHE", str(Path(__file__).resolve().parents[1] / "build" / "cache")
+)
 
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402

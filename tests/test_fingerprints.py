@@ -1,7 +1,8 @@
 import pytest
 
-from chatdistill.distill.fingerprints import file_sha256, teacher_fingerprint
+from chatdistill.distill.fingerprints import teacher_fingerprint
 from chatdistill.errors import UserError
+from chatdistill.hashing import file_sha256
 
 from conftest import build_tiny_model
 
@@ -14,7 +15,7 @@ def test_teacher_fingerprint_changes_with_weights_of_the_same_shape(tmp_path, to
 
 
 def test_teacher_fingerprint_refuses_a_directory_without_a_model(tmp_path):
-    with pytest.raises(UserError, match="no config.json there"):
+    with pytest.raises(UserError, match="no config.json or .gguf file there"):
         teacher_fingerprint(tmp_path)
 
 

@@ -152,6 +152,8 @@ def load_distill_config(
         raise UserError(_format_error(e, source)) from None
 
 
-def save_config(cfg: BaseModel, path: Path) -> None:
-    """Write the resolved config as YAML next to the outputs."""
-    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+def save_config(cfg: BaseModel, path: Path, notes: list[str] | None = None) -> None:
+    """Write the resolved config as YAML next to the outputs; `notes` become comment lines at the
+    top (what the recipe's paths pointed at, such as a GGUF file's quantisation and sha256)."""
+    header = "".join(f"# {line}\n" for line in notes or [])
+    path.write_text(header + yaml.safe_dump(cfg.model_dump(), sort_keys=False))

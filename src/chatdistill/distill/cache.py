@@ -34,14 +34,16 @@ from chatdistill.data import (
     require_references,
 )
 from chatdistill.distill.divergences import SparseLogprobs
-from chatdistill.distill.fingerprints import file_sha256, teacher_fingerprint
+from chatdistill.distill.fingerprints import teacher_fingerprint
 from chatdistill.distill.positions import hidden_at_loss_positions
 from chatdistill.errors import UserError
+from chatdistill.hashing import file_sha256
 from chatdistill.models import (
     check_vocab,
     hidden_and_head,
     load_model,
     load_tokenizer,
+    resolve,
     tokenizer_fingerprint,
 )
 from chatdistill.progress import RateBar
@@ -175,7 +177,7 @@ class CachedTeacher:
                 f"data.max_length is {max_length}; set data.max_length="
                 f"{meta['max_length']} or {rebuild} --max-length {max_length}"
             )
-        if teacher and Path(teacher).is_dir():
+        if teacher:
             fp = teacher_fingerprint(teacher)
             if fp != meta["teacher_fingerprint"]:
                 raise UserError(
@@ -361,6 +363,7 @@ def write_cache(
         "version": VERSION,
         "teacher": str(teacher),
         "teacher_fingerprint": teacher_fingerprint(teacher),
+        "teacher_source": resolve(teacher, "teacher").record(),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab,
         "data": str(data),

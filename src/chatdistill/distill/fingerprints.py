@@ -5,30 +5,23 @@ them."""
 import hashlib
 from pathlib import Path
 
-from chatdistill.errors import UserError
+from chatdistill.models import resolve
 
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def teacher_fingerprint(model_dir: str | Path) -> str:
+def teacher_fingerprint(model: str | Path) -> str:
     """Hash identifying a teacher's weights without reading them all (fast for multi-GB models).
 
     Covers config.json and, for every *.safetensors file: its name, size, JSON header (names,
     dtypes, shapes, offsets) and 16 evenly spaced 64 KiB samples of its data, so two checkpoints
-    of the same architecture differ unless their sampled bytes are equal.
+    of the same architecture differ unless their sampled bytes are equal. A GGUF file is
+    fingerprinted through its converted directory.
     """
-    d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise UserError(f"teacher {model_dir}: no config.json there; is it a model directory?")
+    src = resolve(model, "teacher")
+    if src.kind == "hub":
+        return src.arg  # a hub id names its weights only as far as the hub keeps them unchanged
+    d = Path(src.path)
     h = hashlib.sha256((d / "config.json").read_bytes())
     for f in sorted(d.glob("*.safetensors")):
         size = f.stat().st_size

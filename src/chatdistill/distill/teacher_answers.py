@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from chatdistill.data import load_rows, split_prompt_reference
-from chatdistill.distill.fingerprints import file_sha256, teacher_fingerprint
+from chatdistill.distill.fingerprints import teacher_fingerprint
 from chatdistill.distill.rollout import seeded_rng
 from chatdistill.errors import UserError
+from chatdistill.hashing import file_sha256
 from chatdistill.inference.engine import Engine, SamplingParams
 from chatdistill.progress import RateBar
 
@@ -63,7 +64,7 @@ def generate_data(
     rows = load_rows(prompts)
     out = Path(output)
     settings = {
-        "teacher_fingerprint": teacher_fingerprint(teacher) if Path(teacher).is_dir() else teacher,
+        "teacher_fingerprint": teacher_fingerprint(teacher),
         "prompts_sha256": file_sha256(prompts),
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,

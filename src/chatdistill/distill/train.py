@@ -25,6 +25,7 @@ from chatdistill.distill.losses import step_weights
 from chatdistill.distill.prepare import Setup, prepare
 from chatdistill.distill.rollout import OnPolicySampler
 from chatdistill.errors import UserError
+from chatdistill.models import resolve
 from chatdistill.progress import TrainProgress
 
 
@@ -73,6 +74,20 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def source_notes(cfg: DistillConfig) -> list[str]:
+    """One line per model of the recipe that came from a GGUF file: its file, type and sha256."""
+    notes = []
+    for role in ("teacher", "student"):
+        arg = getattr(cfg, role)
+        info = resolve(arg, role).gguf if arg else {}
+        if info:
+            notes.append(
+                f"{role}: {info['file']} (GGUF {info['quantization']}, {info['architecture']}, "
+                f"sha256 {info['sha256']})"
+            )
+    return notes
+
+
 def train(cfg: DistillConfig, resume: bool = False) -> Path:
     """Run the recipe; return the output directory holding the final student."""
     transformers.utils.logging.disable_progress_bar()
@@ -93,7 +108,7 @@ def train(cfg: DistillConfig, resume: bool = False) -> Path:
     s = prepare(cfg, accelerator)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        save_config(cfg, out / "chatdistill_config.yaml")
+        save_config(cfg, out / "chatdistill_config.yaml", source_notes(cfg))
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
 
     state = {"step": 0, "epoch": 0, "next_batch": 0, "tokens": 0, "pad": 0, "slots": 0}

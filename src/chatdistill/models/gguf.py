@@ -13,7 +13,6 @@ Clear the cache with `rm -r ~/.cache/chatdistill/gguf` (or `$CHATDISTILL_CACHE/g
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from chatdistill.errors import UserError
+from chatdistill.hashing import file_sha256
 from chatdistill.models.source import SOURCE_FILE, ModelSource
 
 
@@ -32,14 +32,6 @@ def cache_root() -> Path:
         return Path(base).expanduser() / "gguf"
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg) / "chatdistill" / "gguf"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_header(path: Path, what: str) -> dict:

