@@ -78,13 +78,33 @@ def load_model(
         if isinstance(e, UserError):
             raise
         raise UserError(f"{what} {src.arg}: cannot load the model ({_first_line(e)})") from None
+    if src.adapter:
+        loaded = _merge_adapter(loaded, src, what)
     return loaded.to(device) if device is not None else loaded
 
 
+def _merge_adapter(model: PreTrainedModel, src: ModelSource, what: str) -> PreTrainedModel:
+    """The model with the peft adapter `src.adapter` merged in (one plain model, as fast as the
+    base at inference)."""
+    from peft import PeftModel  # only adapter users pay for importing peft
+
+    adapter = Path(src.adapter)
+    if not any(adapter.glob("*.safetensors")):
+        raise UserError(f"{what} adapter {adapter}: no adapter_model.safetensors there")
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - shape mismatches, unknown target modules ...
+        raise UserError(
+            f"{what} adapter {adapter} does not fit the model {src.path} ({_first_line(e)}); "
+            "pass the base model it was trained on"
+        ) from None
+    return merged
+
+
 def load_pretrained(
-    model: str | Path, what: str = "model", dtype=None, device=None
+    model: str | Path, what: str = "model", dtype=None, device=None, adapter: str | None = None
 ) -> tuple[PreTrainedModel, object, ModelSource]:
     """(model, tokenizer, source) resolved once: a GGUF file converts at most once."""
-    src = resolve(model, what)
+    src = resolve(model, what, adapter=adapter)
     tok = load_tokenizer(src, what)
     return load_model(src, what, dtype, device), tok, src

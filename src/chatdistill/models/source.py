@@ -4,13 +4,16 @@ Every command resolves its model arguments here, so the rules are the same every
 - an existing directory with `config.json` is a Hugging Face model directory;
 - a `.gguf` file, or a directory holding exactly one, is a GGUF model (converted once, see gguf.py);
 - `hf:org/name` is a hub id, fetched by transformers; nothing else ever reaches the network, so a
-  mistyped local path such as `runs/typo` is an error, not a download.
+  mistyped local path such as `runs/typo` is an error, not a download;
+- a peft LoRA adapter directory (`adapter_config.json`) is its base model plus the adapter, merged
+  at load; the base is the one given with the adapter, else the adapter's own
+  `base_model_name_or_path` resolved by these same rules (relative to the adapter directory first).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chatdistill.errors import UserError
@@ -29,21 +32,64 @@ class ModelSource:
     path: str
     kind: str  # "hf" | "gguf" | "hub"
     gguf: dict = field(default_factory=dict)  # file, sha256, quantization, architecture
+    adapter: str | None = None  # a peft adapter directory merged into the model at load
 
     def record(self) -> dict:
         """What results, recipes and model cards say about where the model came from."""
-        return {"path": self.arg, "format": self.kind, **self.gguf}
+        extra = {"adapter": self.adapter} if self.adapter else {}
+        return {"path": self.arg, "format": self.kind, **self.gguf, **extra}
 
 
 def _gguf_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
 
 
-def resolve(arg: str | Path, what: str = "model", needs: str = "model") -> ModelSource:
-    """Resolve `arg` (see the module docstring); `needs` is "model" or "tokenizer"."""
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve(
+    arg: str | Path, what: str = "model", needs: str = "model", adapter: str | Path | None = None
+) -> ModelSource:
+    """Resolve `arg` (see the module docstring); `needs` is "model" or "tokenizer"; `adapter` is
+    a peft adapter directory to merge into the model `arg` names."""
+    if adapter is not None:
+        src = resolve(arg, what, needs)
+        return replace(src, adapter=str(_adapter_dir(Path(adapter), f"{what} adapter")))
+    p = Path(str(arg)).expanduser()
+    if (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file():
+        base = _adapter_base(p, what)
+        return replace(resolve(base, f"{what} base", needs), arg=str(arg), adapter=str(p))
+    return _resolve_plain(str(arg), what, needs)
+
+
+def _adapter_dir(p: Path, what: str) -> Path:
+    if not (p / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{what} {p}: no {ADAPTER_CONFIG} there; pass a peft adapter directory")
+    return p
+
+
+def _adapter_base(p: Path, what: str) -> str:
+    """The adapter's `base_model_name_or_path`, as a local path where one exists."""
+    try:
+        base = json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {p}: unreadable {ADAPTER_CONFIG} ({e})") from None
+    if not base:
+        raise UserError(f"{what} {p}: {ADAPTER_CONFIG} names no base model; pass the base too")
+    beside = p / base
+    if beside.exists():
+        return str(beside)
+    if Path(base).expanduser().exists() or str(base).startswith(HUB_PREFIX):
+        return str(base)
+    raise UserError(
+        f"{what} {p}: its base model {base} is not on this machine; pass the base model as "
+        f"the model and this directory as its adapter (e.g. --teacher BASE --teacher-adapter {p})"
+    )
+
+
+def _resolve_plain(text: str, what: str, needs: str) -> ModelSource:
     from chatdistill.models.gguf import convert  # the GGUF reader loads only when needed
 
-    text = str(arg)
     if text.startswith(HUB_PREFIX):
         hub_id = text[len(HUB_PREFIX) :]
         if hub_id.count("/") != 1 or not all(hub_id.split("/")):
