@@ -222,7 +222,7 @@ def test_requests_admitted_together_share_a_prefill_and_a_broken_one_fails_alone
 
 def test_one_decode_step_wakes_each_event_loop_once(engine, prompts):
     """Rows of one step are handed over with one thread-safe call per event loop, not per row."""
-    from chatdistill.inference.scheduler import Delta, Request, Wakeups
+    from chatdistill.inference.scheduler import Delta, Job, Wakeups
 
     async def main() -> tuple[list[list[str]], int]:
         loop = asyncio.get_running_loop()
@@ -235,7 +235,7 @@ def test_one_decode_step_wakes_each_event_loop_once(engine, prompts):
             return original(*args)
 
         loop.call_soon_threadsafe = counting
-        reqs = [Request(f"r{i}", prompts[i], SamplingParams(), lambda _r: None) for i in range(3)]
+        reqs = [Job(f"r{i}", prompts[i], SamplingParams(), lambda _r: None) for i in range(3)]
         streams = [r.stream() for r in reqs]
         firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
         await asyncio.sleep(0)  # every stream registers its loop and waits

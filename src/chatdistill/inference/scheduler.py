@@ -4,8 +4,8 @@ The decode thread owns a `DecodeBatch` (see generate.py). Between two decode ste
 cancelled rows, admits waiting requests (prefilled several per forward pass, their KV caches merged
 into the running batch; a prompt that breaks the forward fails alone), and after the step retires
 finished rows, so a new request never waits for the whole batch to finish. Results travel to
-callers as `Delta`s: `Request.stream()` for asyncio code (woken with `loop.call_soon_threadsafe`,
-once per event loop per decode step), `Request.iter_sync()` for threads.
+callers as `Delta`s: `Job.stream()` for asyncio code (woken with `loop.call_soon_threadsafe`,
+once per event loop per decode step), `Job.iter_sync()` for threads.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _set_all(events: list[asyncio.Event]) -> None:
         event.set()
 
 
-class Request:
+class Job:
     """One submitted generation: its progress, timings (time.monotonic()) and output stream."""
 
     def __init__(
@@ -78,7 +78,7 @@ class Request:
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
-        on_cancel: Callable[[Request], None],
+        on_cancel: Callable[[Job], None],
     ) -> None:
         self.id = request_id
         self.prompt_ids = list(prompt_ids)
@@ -171,9 +171,9 @@ class Scheduler:
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.on_finish: Callable[[Request], None] | None = None
+        self.on_finish: Callable[[Job], None] | None = None
         self._cond = threading.Condition()
-        self._waiting: deque[Request] = deque()
+        self._waiting: deque[Job] = deque()
         self._batch = DecodeBatch(engine)
         self._num_running = 0
         self._stopping = False
@@ -210,59 +210,57 @@ class Scheduler:
         self._num_running = 0
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-        for req in waiting:
-            self._end_unstarted(req, "cancelled")
+        for job in waiting:
+            self._end_unstarted(job, "cancelled")
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> Request:
+    ) -> Job:
         """Queue a request. Raises `UserError` for bad params/prompt, `QueueFullError` when full."""
         params.validate()
         self.engine.check_prompt(prompt_ids)
-        req = Request(
-            request_id or f"req-{uuid.uuid4().hex[:16]}", prompt_ids, params, self._cancel
-        )
+        job = Job(request_id or f"job-{uuid.uuid4().hex[:16]}", prompt_ids, params, self._cancel)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests already waiting")
-            self._waiting.append(req)
+            self._waiting.append(job)
             self._cond.notify_all()
-        return req
+        return job
 
-    def _cancel(self, req: Request) -> None:
+    def _cancel(self, job: Job) -> None:
         with self._cond:
-            if req in self._waiting:
-                self._waiting.remove(req)
+            if job in self._waiting:
+                self._waiting.remove(job)
                 waiting = True
             else:
                 waiting = False
                 self._cond.notify_all()
         if waiting:
-            self._end_unstarted(req, "cancelled")
+            self._end_unstarted(job, "cancelled")
 
-    def _end_unstarted(self, req: Request, reason: str, error: str | None = None) -> None:
-        req._push(Delta("", [], reason, error))
-        self._finished(req)
+    def _end_unstarted(self, job: Job, reason: str, error: str | None = None) -> None:
+        job._push(Delta("", [], reason, error))
+        self._finished(job)
 
-    def _finished(self, req: Request) -> None:
+    def _finished(self, job: Job) -> None:
         if self.on_finish is None:
             return
         try:
-            self.on_finish(req)
+            self.on_finish(job)
         except Exception:
-            log.exception("on_finish hook failed for %s", req.id)
+            log.exception("on_finish hook failed for %s", job.id)
 
     def _deliver(self, seq: Sequence, text: str, wakeups: Wakeups | None = None) -> None:
         """Send a row's progress to its request as one Delta (nothing when there is no news)."""
-        req: Request = seq.tag
-        sent = req.completion_tokens
+        job: Job = seq.tag
+        sent = job.completion_tokens
         new_ids = seq.token_ids[sent:]
-        req.completion_tokens = len(seq.token_ids)
-        req.first_token_at = seq.first_token_at
+        job.completion_tokens = len(seq.token_ids)
+        job.first_token_at = seq.first_token_at
         if text or new_ids or seq.finish_reason is not None:
-            req._push(Delta(text, new_ids, seq.finish_reason), wakeups)
+            job._push(Delta(text, new_ids, seq.finish_reason), wakeups)
         if seq.finish_reason is not None:
-            self._finished(req)
+            self._finished(job)
 
     def _run(self) -> None:
         model = self.engine.model
@@ -288,16 +286,16 @@ class Scheduler:
                 self._deliver(seq, seq.finish("cancelled"))
         self._batch.retire()
 
-    def _admit(self, reqs: list[Request]) -> None:
+    def _admit(self, jobs: list[Job]) -> None:
         """Prefill the admitted requests, several per forward pass (`prefill_group`)."""
         seqs = []
-        for req in reqs:
-            if req.cancel_requested:
-                self._end_unstarted(req, "cancelled")
+        for job in jobs:
+            if job.cancel_requested:
+                self._end_unstarted(job, "cancelled")
                 continue
-            seq = Sequence(self.engine, req.prompt_ids, req.params)
-            seq.tag = req
-            req.started_at = seq.started_at
+            seq = Sequence(self.engine, job.prompt_ids, job.params)
+            seq.tag = job
+            job.started_at = seq.started_at
             seqs.append(seq)
         while seqs:
             n = prefill_group((len(s.prompt_ids) for s in seqs), len(seqs))

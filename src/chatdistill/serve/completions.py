@@ -20,8 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
-from chatdistill.inference.scheduler import Delta, QueueFullError, Scheduler
-from chatdistill.inference.scheduler import Request as Job
+from chatdistill.inference.scheduler import Delta, Job, QueueFullError, Scheduler
 from chatdistill.serve.config import ServeConfig
 from chatdistill.serve.errors import APIError
 from chatdistill.serve.metrics import ServerMetrics
@@ -33,9 +32,9 @@ from chatdistill.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChunkDelta,
-    Completion,
     CompletionChoice,
     CompletionRequest,
+    TextCompletion,
     Usage,
 )
 
@@ -103,7 +102,7 @@ class CompletionService:
         if body.stream:
             return self._sse(job, self._text_chunks(rid, len(prompt_ids), body))
         out = await self._collect(job, len(prompt_ids), request)
-        return Completion(
+        return TextCompletion(
             id=rid,
             model=self.cfg.model_name,
             choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)],
@@ -347,13 +346,14 @@ class CompletionService:
 
         def make(text: str, reason: str | None) -> dict[str, Any]:
             choice = CompletionChoice(text=text, finish_reason=reason)
-            return Completion(id=rid, created=created, model=name, choices=[choice]).model_dump()
+            chunk = TextCompletion(id=rid, created=created, model=name, choices=[choice])
+            return chunk.model_dump()
 
         return _ChunkMaker(
             first=lambda: make("", None),
             piece=make,
             prompt_tokens=prompt_tokens,
-            usage=lambda n: Completion(
+            usage=lambda n: TextCompletion(
                 id=rid, created=created, model=name, choices=[], usage=Usage.of(prompt_tokens, n)
             ).model_dump(),
             include_usage=body.include_usage(),

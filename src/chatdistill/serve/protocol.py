@@ -284,7 +284,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class Completion(BaseModel):
+class TextCompletion(BaseModel):
     """A text completion, whole (`usage` set) or one streamed chunk (`usage` only on the last)."""
 
     id: str
