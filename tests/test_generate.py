@@ -188,6 +188,21 @@ def test_top_k_one_and_tiny_top_p_are_greedy(engines, prompts):
         assert g.token_ids == k.token_ids == p.token_ids
 
 
+def test_top_k_beyond_the_vocabulary_keeps_every_token(engines, prompts):
+    """A top_k too large for an int64 tensor is no filter at all, like top_k=0."""
+    engine = engines["qwen2"]
+    off = engine.generate(prompts[:2], SamplingParams(12, temperature=1.0, seed=5))
+    huge = engine.generate(prompts[:2], SamplingParams(12, temperature=1.0, top_k=2**63, seed=5))
+    assert [c.token_ids for c in huge] == [c.token_ids for c in off]
+
+
+def test_extreme_seeds_in_range_sample(engines, prompts):
+    engine = engines["qwen2"]
+    for seed in (2**64 - 1, -(2**63)):
+        [got] = engine.generate(prompts[:1], SamplingParams(4, temperature=1.0, seed=seed))
+        assert got.finish_reason in ("stop", "length")
+
+
 def test_filtered_probs_keep_top_k_and_top_p_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
     probs, order = _filtered_probs(logits, top_k=[2, 0], top_p=[1.0, 0.7])
@@ -293,6 +308,10 @@ def test_engine_reads_context_length_and_eos(engines):
         (SamplingParams(top_k=-2), "top_k"),
         (SamplingParams(max_new_tokens=0), "max_new_tokens"),
         (SamplingParams(stop=[""]), "stop"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+        (SamplingParams(temperature=float("inf")), "temperature"),
+        (SamplingParams(temperature=1.0, seed=2**64), "seed"),
+        (SamplingParams(temperature=1.0, seed=-(2**63) - 1), "seed"),
     ],
 )
 def test_bad_sampling_params_are_user_errors(engines, prompts, params, field):

@@ -8,7 +8,7 @@ import torch
 
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
-from chatdistill.inference.scheduler import QueueFullError, Scheduler
+from chatdistill.inference.scheduler import QueueFullError, Scheduler, SchedulerDownError
 
 from conftest import build_tiny_model, make_conversations
 
@@ -51,6 +51,16 @@ def running():
     yield start
     for s in started:
         s.shutdown()
+
+
+def _ended(job, bound_s: float = 120) -> list:
+    """The job's deltas once it has ended; the bound only turns a hang (a bug) into a failure."""
+    deltas: list = []
+    reader = threading.Thread(target=lambda: deltas.extend(job.iter_sync()), daemon=True)
+    reader.start()
+    reader.join(bound_s)
+    assert not reader.is_alive(), f"{job.id} never ended"
+    return deltas
 
 
 def test_concurrent_greedy_requests_equal_engine_at_batch_size_one(engine, prompts, running):
@@ -107,13 +117,25 @@ def test_cancelling_a_waiting_request_ends_it_at_once(engine, prompts):
 
 
 def test_queue_bound_raises_queue_full(engine, prompts):
-    sched = Scheduler(engine, max_batch=1, max_queue=2)
-    sched.submit(prompts[0], SamplingParams())
-    sched.submit(prompts[1], SamplingParams())
+    sched = Scheduler(engine, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    for prompt in prompts[:3]:  # one for the free row, two waiting
+        sched.submit(prompt, SamplingParams())
     with pytest.raises(QueueFullError):
-        sched.submit(prompts[2], SamplingParams())
+        sched.submit(prompts[3], SamplingParams())
     sched.shutdown()
     assert sched.num_waiting == 0
+
+
+def test_queue_bound_zero_serves_free_rows_and_refuses_waiting(chatty, running):
+    sched = running(chatty, max_batch=1, max_queue=0)
+    prompt = chatty.encode_chat([{"role": "user", "content": "Do you ship the kettle?"}])
+    hog = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    next(hog.iter_sync())
+    with pytest.raises(QueueFullError):
+        sched.submit(prompt, SamplingParams(max_new_tokens=2))
+    hog.cancel()
+    assert _ended(hog)[-1].finish_reason == "cancelled"
+    assert _ended(sched.submit(prompt, SamplingParams(max_new_tokens=2)))[-1].finish_reason
 
 
 def test_async_streams_from_the_event_loop(engine, prompts, running):
@@ -183,6 +205,8 @@ def test_bad_requests_are_user_errors_at_submit(engine, prompts):
     sched = Scheduler(engine)
     with pytest.raises(UserError, match="temperature"):
         sched.submit(prompts[0], SamplingParams(temperature=-0.5))
+    with pytest.raises(UserError, match="seed"):
+        sched.submit(prompts[0], SamplingParams(temperature=1.0, seed=2**64))
     with pytest.raises(UserError, match="empty"):
         sched.submit([], SamplingParams())
     assert sched.num_waiting == 0
@@ -254,3 +278,53 @@ def test_one_decode_step_wakes_each_event_loop_once(engine, prompts):
     got, calls = asyncio.run(main())
     assert got == [["tok0"], ["tok1"], ["tok2"]]
     assert calls == 1
+
+
+def test_a_request_that_cannot_start_fails_alone_and_the_thread_goes_on(engine, prompts):
+    """A seed the generator refuses (validation bypassed, as any unforeseen per-request failure
+    would be) ends that request with an error; its neighbours and later requests are served."""
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)
+    sched = Scheduler(engine, max_batch=4)
+    jobs = [sched.submit(p, params) for p in prompts[:3]]
+    jobs[1].params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=2**64)
+    sched.start()
+    try:
+        ends = [_ended(job)[-1] for job in jobs]
+        later = _ended(sched.submit(prompts[3], SamplingParams(max_new_tokens=3)))
+        assert sched.healthy
+    finally:
+        sched.shutdown()
+    assert ends[1].finish_reason == "error" and "Overflow" in ends[1].error
+    assert {ends[0].finish_reason, ends[2].finish_reason, later[-1].finish_reason} <= {
+        "stop",
+        "length",
+    }
+
+
+class _Fatal(BaseException):
+    """Something no `except Exception` catches, to kill the decode thread."""
+
+
+def test_a_dead_decode_thread_ends_every_request_and_refuses_new_ones(chatty):
+    prompt = chatty.encode_chat([{"role": "user", "content": "Is the lamp in stock?"}])
+    sched = Scheduler(chatty, max_batch=1)
+    sched.start()
+    running_job = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    next(running_job.iter_sync())
+    waiting_job = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    assert sched.healthy
+
+    def die(*_args, **_kw):
+        raise _Fatal("the device is gone")
+
+    handle = chatty.model.register_forward_pre_hook(die, with_kwargs=True)
+    try:
+        assert _ended(running_job)[-1].finish_reason == "error"
+        assert _ended(waiting_job)[-1].finish_reason == "error"
+        assert "the device is gone" in running_job.error
+        assert not sched.healthy and "the device is gone" in sched.failure
+        with pytest.raises(SchedulerDownError, match="the device is gone"):
+            sched.submit(prompt, SamplingParams(max_new_tokens=2))
+    finally:
+        handle.remove()
+        sched.shutdown()

@@ -17,12 +17,16 @@ from serve_helpers import (
     launch,
     make_endless,
     metric_value,
+    serving_app,
     sse_events,
     stop,
     wait_ready,
 )
 
 from chatdistill.inference.engine import Engine, SamplingParams
+from chatdistill.inference.scheduler import Scheduler
+from chatdistill.serve.app import create_app
+from chatdistill.serve.config import ServeConfig
 
 from conftest import build_tiny_model
 
@@ -255,6 +259,15 @@ def test_bad_chat_requests_are_400_in_the_openai_shape(main, body, param):
     assert err["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_out_of_range_seed_is_400_and_the_server_keeps_serving(main, seed):
+    body = {"messages": HELLO, "temperature": 1.0, "seed": seed, "max_tokens": 3}
+    _assert_error(_post(main, "/chat/completions", body), 400, "seed")
+    ok = _post(main, "/chat/completions", {**body, "seed": 2**64 - 1})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert httpx.get(main.url + "/health").json()["status"] == "ok"
+
+
 def test_prompt_longer_than_the_context_window_is_400(main, engine):
     long = [{"role": "user", "content": "kettle " * (engine.context_length + 10)}]
     err = _assert_error(_post(main, "/chat/completions", {"messages": long}), 400, "messages")
@@ -435,32 +448,42 @@ def test_serve_cli_rejects_a_zero_batch(tiny_models):
 
 def test_create_app_serves_a_scheduler_it_does_not_own(engine):
     """An app built on the caller's scheduler uses it and leaves starting/stopping to the caller."""
-    import threading
-
-    import uvicorn
-
-    from chatdistill.inference.scheduler import Scheduler
-    from chatdistill.serve.app import create_app
-    from chatdistill.serve.config import ServeConfig
-
     scheduler = Scheduler(engine, max_batch=2, max_queue=4)
     scheduler.start()
-    app = create_app(scheduler, ServeConfig(model_name="shared"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with serving_app(create_app(scheduler, ServeConfig(model_name="shared"))) as url:
         cl = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         resp = cl.completions.create(model="shared", prompt="The mug", max_tokens=3, temperature=0)
         assert resp.usage.completion_tokens <= 3
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
     job = scheduler.submit(engine.encode_chat(HELLO), SamplingParams(max_new_tokens=2))
     assert list(job.iter_sync())[-1].finish_reason in ("stop", "length")  # still running
     scheduler.shutdown()
+
+
+class _Fatal(BaseException):
+    """Something no `except Exception` catches, to kill the decode thread."""
+
+
+def test_a_dead_decode_thread_makes_health_and_requests_503(engine):
+    scheduler = Scheduler(engine, max_batch=2, max_queue=4)
+    scheduler.start()
+
+    def die(*_args, **_kw):
+        raise _Fatal("the device is gone")
+
+    handle = engine.model.register_forward_pre_hook(die, with_kwargs=True)
+    try:
+        with serving_app(create_app(scheduler, ServeConfig(model_name="doomed"))) as url:
+            assert httpx.get(url + "/health").status_code == 200
+            body = {**GREEDY, "max_tokens": 4, "stream": True}
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                events = list(sse_events(r.iter_lines()))
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["error"]["code"] == "generation_error"
+            health = httpx.get(url + "/health")
+            assert health.status_code == 503
+            assert "the device is gone" in health.json()["error"]
+            later = httpx.post(url + "/v1/chat/completions", json=GREEDY, timeout=60)
+            assert _assert_error(later, 503)["code"] == "engine_unavailable"
+    finally:
+        handle.remove()
+        scheduler.shutdown()

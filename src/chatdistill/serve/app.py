@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -157,13 +157,17 @@ def create_app(backend: Scheduler | Engine, cfg: ServeConfig) -> FastAPI:
     app.include_router(v1)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        """200 while the decode thread serves; 503 (with the reason) once it cannot."""
+        body: dict[str, Any] = {
+            "status": "ok" if scheduler.healthy else "unavailable",
             "model": cfg.model_name,
             "running": scheduler.num_running,
             "waiting": scheduler.num_waiting,
         }
+        if not scheduler.healthy:
+            body["error"] = scheduler.failure or "the decode thread is not running"
+        return JSONResponse(body, status_code=200 if scheduler.healthy else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

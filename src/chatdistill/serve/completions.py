@@ -20,7 +20,13 @@ from starlette.types import Receive, Scope, Send
 
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
-from chatdistill.inference.scheduler import Delta, Job, QueueFullError, Scheduler
+from chatdistill.inference.scheduler import (
+    Delta,
+    Job,
+    QueueFullError,
+    Scheduler,
+    SchedulerDownError,
+)
 from chatdistill.serve.config import ServeConfig
 from chatdistill.serve.errors import APIError
 from chatdistill.serve.metrics import ServerMetrics
@@ -191,6 +197,12 @@ class CompletionService:
                 f"the server is busy ({self.cfg.max_queue} requests waiting); retry shortly",
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from e
+        except SchedulerDownError as e:
+            raise APIError(
+                503,
+                f"the server cannot generate ({e}); it needs a restart, see its log",
+                code="engine_unavailable",
             ) from e
 
     # ------------------------------------------------------------------ job -> response

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from chatdistill.inference.engine import SEED_MAX, SEED_MIN
+
 MAX_STOP_SEQUENCES = 4
 
 
@@ -108,7 +110,7 @@ class ChatCompletionRequest(_SamplingChecks):
     )
     n: int = 1
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -164,7 +166,7 @@ class CompletionRequest(_SamplingChecks):
     max_tokens: int = Field(16, ge=1)
     n: int = 1
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
