@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from chatdistill.data import render_prompt
 from chatdistill.errors import UserError
 from chatdistill.inference.kv_cache import GrowingCache
 
@@ -489,23 +490,9 @@ class Engine:
             raise UserError(f"{path}: could not load the model or tokenizer ({e})") from e
         return cls(model.eval(), tokenizer, device=device)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of `messages` rendered with the tokenizer's chat template (ChatML if none)."""
-        from chatdistill.models.tokenizer import CHATML_TEMPLATE
-
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-                raise UserError(f"messages[{i}]: needs a 'role' and a string 'content'")
-        template = None if self.tokenizer.chat_template else CHATML_TEMPLATE
-        return list(
-            self.tokenizer.apply_chat_template(
-                messages,
-                chat_template=template,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=True,
-                return_dict=False,
-            )
-        )
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered for an answer (see `data.render_prompt`)."""
+        return render_prompt(self.tokenizer, messages)
 
     def check_prompt(self, prompt: list[int], name: str = "prompt") -> None:
         """Raise `UserError` when `prompt` is empty, holds unknown ids or fills the context."""
