@@ -41,8 +41,8 @@ GREEDY = {"messages": HELLO, "temperature": 0}
 @pytest.fixture(scope="module")
 def servers(tiny_models, tokenizer_dir, tmp_path_factory):
     """Three servers, started together: `main` (API key, batch 4) on the tiny Llama; `limits`
-    (batch 1, queue 1) and `hasty` (1 s timeout) on a model that never stops, for queueing,
-    cancellation and timeouts."""
+    (batch 1, queue 1, one more allowed Host) and `hasty` (1 s timeout) on a model that never
+    stops, for queueing, cancellation and timeouts."""
     root = tmp_path_factory.mktemp("serve")
     endless = build_tiny_model(
         root / "endless", tokenizer_dir, "llama", max_position_embeddings=4096
@@ -53,7 +53,10 @@ def servers(tiny_models, tokenizer_dir, tmp_path_factory):
             tiny_models["llama"], root / "main.log",
             "--api-key", KEY, "--max-batch", "4", "--model-name", NAME,
         ),
-        launch(endless, root / "limits.log", "--max-batch", "1", "--max-queue", "1"),
+        launch(
+            endless, root / "limits.log",
+            "--max-batch", "1", "--max-queue", "1", "--allowed-host", "chat.example",
+        ),
         launch(endless, root / "hasty.log", "--max-batch", "2", "--request-timeout", "1"),
     ]  # fmt: skip
     try:
@@ -234,6 +237,51 @@ def test_health_page_and_metrics_stay_open(main):
     assert page.status_code == 200 and "<title>chatdistill" in page.text
     assert httpx.get(main.url + "/static/index.html").status_code == 200
     assert httpx.get(main.url + "/metrics").status_code == 200
+
+
+# ---------------------------------------------------------------- host check, headers
+
+
+def test_a_foreign_host_header_is_refused_everywhere(main):
+    port = main.url.rsplit(":", 1)[1]
+    for path in ["/", "/health", "/metrics", "/static/chat.js", "/v1/models"]:
+        err = _assert_error(
+            httpx.get(main.url + path, headers={**AUTH, "Host": f"rebound.example:{port}"}), 400
+        )
+        assert err["code"] == "invalid_host"
+    for name in ["localhost", "127.0.0.1", "[::1]"]:
+        resp = httpx.get(main.api + "/models", headers={**AUTH, "Host": f"{name}:{port}"})
+        assert resp.status_code == 200, name
+
+
+def test_allowed_host_adds_a_name(limits):
+    assert httpx.get(limits.url + "/health", headers={"Host": "chat.example"}).status_code == 200
+    refused = httpx.get(limits.url + "/health", headers={"Host": "other.example"})
+    assert _assert_error(refused, 400)["code"] == "invalid_host"
+
+
+def test_every_response_carries_the_security_headers(main):
+    responses = [
+        httpx.get(main.url + "/"),
+        httpx.get(main.url + "/static/chat.js"),
+        httpx.get(main.api + "/models", headers=AUTH),
+        httpx.get(main.api + "/models"),  # 401
+        httpx.get(main.url + "/nothing"),  # 404
+    ]
+    for resp in responses:
+        csp = resp.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert resp.headers["X-Frame-Options"] == "DENY"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    page = responses[0].text
+    assert "<script>" not in page and "<style>" not in page  # the CSP allows no inline code
+    assert '<script src="/static/chat.js">' in page
+
+
+def test_schema_and_docs_pages_are_off(main):
+    for path in ["/openapi.json", "/docs", "/redoc"]:
+        assert httpx.get(main.url + path).status_code == 404, path
 
 
 # ---------------------------------------------------------------- bad requests
@@ -451,9 +499,19 @@ def test_serve_cli_reports_a_port_in_use_before_loading_the_model(main, tiny_mod
     assert "Traceback" not in done.stderr
 
 
-def test_serve_cli_rejects_a_zero_batch(tiny_models):
-    done = _serve_cli(str(tiny_models["llama"]), "--max-batch", "0")
-    assert done.returncode == 2 and "--max-batch must be positive" in done.stderr
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--max-batch", "0"], "--max-batch must be positive"),
+        (["--request-timeout", "nan"], "--request-timeout must be positive"),
+        (["--max-queue", "-1"], "--max-queue must be 0 or more"),
+        (["--port", "70000"], "--port must be in 0..65535"),
+    ],
+)
+def test_serve_cli_rejects_bad_numbers_in_one_line(tiny_models, flags, words):
+    done = _serve_cli(str(tiny_models["llama"]), *flags)
+    assert done.returncode == 2 and words in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_create_app_serves_a_scheduler_it_does_not_own(engine):
