@@ -8,7 +8,14 @@ import torch
 
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
-from chatdistill.inference.scheduler import QueueFullError, Scheduler, SchedulerDownError
+from chatdistill.inference.scheduler import (
+    Delta,
+    Job,
+    QueueFullError,
+    Scheduler,
+    SchedulerDownError,
+    Wakeups,
+)
 
 from conftest import build_tiny_model, make_conversations
 
@@ -244,40 +251,51 @@ def test_requests_admitted_together_share_a_prefill_and_a_broken_one_fails_alone
         assert results[i][-1].finish_reason == expected[i].finish_reason
 
 
-def test_one_decode_step_wakes_each_event_loop_once(engine, prompts):
-    """Rows of one step are handed over with one thread-safe call per event loop, not per row."""
-    from chatdistill.inference.scheduler import Delta, Job, Wakeups
+class _RecordingLoop:
+    """Stands in for an event loop: records the callbacks handed to it from another thread."""
 
-    async def main() -> tuple[list[list[str]], int]:
-        loop = asyncio.get_running_loop()
-        calls = 0
-        original = loop.call_soon_threadsafe
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
 
-        def counting(*args):
-            nonlocal calls
-            calls += 1
-            return original(*args)
+    def call_soon_threadsafe(self, callback, *args) -> None:
+        self.calls.append((callback, *args))
 
-        loop.call_soon_threadsafe = counting
-        reqs = [Job(f"r{i}", prompts[i], SamplingParams(), lambda _r: None) for i in range(3)]
-        streams = [r.stream() for r in reqs]
+
+def test_one_send_hands_each_loop_its_events_in_one_call():
+    """A decode step wakes all its rows' listeners with one thread-safe call per event loop."""
+    loops = [_RecordingLoop(), _RecordingLoop()]
+    events = [asyncio.Event() for _ in range(3)]
+    wakeups = Wakeups()
+    wakeups.add(loops[0], events[0])
+    wakeups.add(loops[1], events[1])
+    wakeups.add(loops[0], events[2])
+    wakeups.send()
+    assert [len(loop.calls) for loop in loops] == [1, 1]
+    for loop in loops:
+        callback, *args = loop.calls[0]
+        callback(*args)
+    assert all(event.is_set() for event in events)
+    wakeups.send()  # sent events are forgotten: nothing is handed over twice
+    assert [len(loop.calls) for loop in loops] == [1, 1]
+
+
+def test_deltas_pushed_from_a_thread_reach_their_async_streams(prompts):
+    async def main() -> list[list[str]]:
+        jobs = [Job(f"r{i}", prompts[i], SamplingParams(), lambda _j: None) for i in range(3)]
+        streams = [job.stream() for job in jobs]
         firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
         await asyncio.sleep(0)  # every stream registers its loop and waits
 
-        def decode_step() -> int:
+        def decode_step() -> None:
             wakeups = Wakeups()
-            for i, r in enumerate(reqs):
-                r._push(Delta(f"tok{i}", [i], "stop"), wakeups)
+            for i, job in enumerate(jobs):
+                job._push(Delta(f"tok{i}", [i], "stop"), wakeups)
             wakeups.send()
-            return calls  # counted here: to_thread's own hand-back is one more call
 
-        step_calls = await asyncio.to_thread(decode_step)
-        got = [[(await f).text] for f in firsts]
-        return got, step_calls
+        await asyncio.to_thread(decode_step)
+        return [[(await f).text] for f in firsts]
 
-    got, calls = asyncio.run(main())
-    assert got == [["tok0"], ["tok1"], ["tok2"]]
-    assert calls == 1
+    assert asyncio.run(main()) == [["tok0"], ["tok1"], ["tok2"]]
 
 
 def test_a_request_that_cannot_start_fails_alone_and_the_thread_goes_on(engine, prompts):

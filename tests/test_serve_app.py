@@ -4,6 +4,7 @@ to send."""
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,10 @@ HELLO = [{"role": "user", "content": "How much is the kettle?"}]
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # The endless model never stops only when decoding greedily (see make_endless).
 GREEDY = {"messages": HELLO, "temperature": 0}
+# Its context is so long that an answer of FOREVER tokens runs for many minutes however fast the
+# machine decodes: tests that need a request still running hold one, and end it themselves.
+ENDLESS_CONTEXT = 1 << 20
+FOREVER = ENDLESS_CONTEXT - 100
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def servers(tiny_models, tokenizer_dir, tmp_path_factory):
     stops, for queueing, cancellation and timeouts."""
     root = tmp_path_factory.mktemp("serve")
     endless = build_tiny_model(
-        root / "endless", tokenizer_dir, "llama", max_position_embeddings=4096
+        root / "endless", tokenizer_dir, "llama", max_position_embeddings=ENDLESS_CONTEXT
     )
     make_endless(endless)
     started = [
@@ -366,7 +371,13 @@ def test_oversized_body_is_413(main):
 
 
 def test_metrics_count_requests_tokens_and_latencies(client, main):
+    def rejected() -> float:
+        text = httpx.get(main.url + "/metrics").text
+        return metric_value(text, "chatdistill_requests_rejected_total")
+
+    before = rejected()
     client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=5)
+    _assert_error(_post(main, "/chat/completions", {"messages": []}), 400)
     text = httpx.get(main.url + "/metrics").text
     for name in [
         "chatdistill_time_to_first_token_seconds_count",
@@ -376,10 +387,20 @@ def test_metrics_count_requests_tokens_and_latencies(client, main):
         "chatdistill_generation_tokens_total",
     ]:
         assert metric_value(text, name) > 0, name
-    assert metric_value(text, "chatdistill_inter_token_latency_seconds_count") >= 0
     assert "chatdistill_num_requests_running" in text
     assert "chatdistill_num_requests_waiting" in text
-    assert metric_value(text, "chatdistill_requests_rejected_total") > 0
+    assert rejected() == before + 1
+
+
+def test_inter_token_latency_is_observed_once_per_token_after_the_first(limits):
+    def count() -> float:
+        text = httpx.get(limits.url + "/metrics").text
+        return metric_value(text, "chatdistill_inter_token_latency_seconds_count")
+
+    before = count()
+    resp = httpx.post(limits.api + "/chat/completions", json={**GREEDY, "max_tokens": 5})
+    assert resp.json()["usage"]["completion_tokens"] == 5
+    assert count() == before + 4
 
 
 # ---------------------------------------------------------------- queue, disconnect, timeout
@@ -396,7 +417,7 @@ def _wait_health(server, **want) -> dict:
     raise AssertionError(f"/health never reached {want}: {health}")
 
 
-def _open_stream(http: httpx.Client, server, max_tokens: int = 3000):
+def _open_stream(http: httpx.Client, server, max_tokens: int = FOREVER):
     body = {**GREEDY, "max_tokens": max_tokens, "stream": True}
     req = http.build_request("POST", server.api + "/chat/completions", json=body)
     return http.send(req, stream=True)
@@ -443,26 +464,39 @@ def test_client_disconnect_cancels_its_request(limits):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
 
 
-def test_non_streaming_client_that_gives_up_frees_the_slot(limits):
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            limits.api + "/chat/completions",
-            json={**GREEDY, "max_tokens": 3000},
-            timeout=0.5,
+def test_non_streaming_client_that_leaves_frees_the_slot(limits):
+    def cancelled() -> float:
+        text = httpx.get(limits.url + "/metrics").text
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith('chatdistill_requests_total{finish_reason="cancelled"}')
         )
+
+    before = cancelled()
+    body = json.dumps({**GREEDY, "max_tokens": FOREVER}).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    port = int(limits.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head.encode() + body)
+        _wait_health(limits, running=1)
     _wait_health(limits, running=0, waiting=0)
+    assert cancelled() == before + 1
 
 
 def test_request_past_the_timeout_is_504(hasty):
     resp = httpx.post(
-        hasty.api + "/chat/completions", json={**GREEDY, "max_tokens": 4000}, timeout=60
+        hasty.api + "/chat/completions", json={**GREEDY, "max_tokens": FOREVER}, timeout=60
     )
     err = _assert_error(resp, 504)
     assert err["code"] == "request_timeout"
 
 
 def test_streamed_request_past_the_timeout_ends_with_an_error_event(hasty):
-    body = {**GREEDY, "max_tokens": 4000, "stream": True}
+    body = {**GREEDY, "max_tokens": FOREVER, "stream": True}
     with httpx.stream("POST", hasty.api + "/chat/completions", json=body, timeout=60) as resp:
         events = list(sse_events(resp.iter_lines()))
     assert events[-1] == "[DONE]"
@@ -472,7 +506,7 @@ def test_streamed_request_past_the_timeout_ends_with_an_error_event(hasty):
         cl = openai.OpenAI(base_url=hasty.api, api_key="none", max_retries=0)
         list(
             cl.chat.completions.create(
-                model="endless", messages=HELLO, max_tokens=4000, temperature=0, stream=True
+                model="endless", messages=HELLO, max_tokens=FOREVER, temperature=0, stream=True
             )
         )
 
