@@ -194,7 +194,8 @@ class CompletionService:
         except QueueFullError as e:
             raise APIError(
                 429,
-                f"the server is busy ({self.cfg.max_queue} requests waiting); retry shortly",
+                f"the server is busy: all {self.cfg.max_batch} batch slots are taken and "
+                f"{self.cfg.max_queue} requests are waiting for one; retry shortly",
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from e
