@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,6 +84,27 @@ def running_server(model_dir: Path, log: Path, *args: str) -> Iterator[Server]:
         yield server
     finally:
         stop(server)
+
+
+@contextmanager
+def serving_app(app) -> Iterator[str]:
+    """Serve an ASGI app made in this process (uvicorn, on loopback, in a thread); yields its
+    URL. For tests that need the server's scheduler in hand."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60  # a bound, only so a bug cannot hang the test
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the app never started"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def make_endless(model_dir: Path) -> Path:

@@ -8,7 +8,14 @@ import torch
 
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
-from chatdistill.inference.scheduler import QueueFullError, Scheduler
+from chatdistill.inference.scheduler import (
+    Delta,
+    Job,
+    QueueFullError,
+    Scheduler,
+    SchedulerDownError,
+    Wakeups,
+)
 
 from conftest import build_tiny_model, make_conversations
 
@@ -51,6 +58,16 @@ def running():
     yield start
     for s in started:
         s.shutdown()
+
+
+def _ended(job, bound_s: float = 120) -> list:
+    """The job's deltas once it has ended; the bound only turns a hang (a bug) into a failure."""
+    deltas: list = []
+    reader = threading.Thread(target=lambda: deltas.extend(job.iter_sync()), daemon=True)
+    reader.start()
+    reader.join(bound_s)
+    assert not reader.is_alive(), f"{job.id} never ended"
+    return deltas
 
 
 def test_concurrent_greedy_requests_equal_engine_at_batch_size_one(engine, prompts, running):
@@ -107,13 +124,25 @@ def test_cancelling_a_waiting_request_ends_it_at_once(engine, prompts):
 
 
 def test_queue_bound_raises_queue_full(engine, prompts):
-    sched = Scheduler(engine, max_batch=1, max_queue=2)
-    sched.submit(prompts[0], SamplingParams())
-    sched.submit(prompts[1], SamplingParams())
+    sched = Scheduler(engine, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    for prompt in prompts[:3]:  # one for the free row, two waiting
+        sched.submit(prompt, SamplingParams())
     with pytest.raises(QueueFullError):
-        sched.submit(prompts[2], SamplingParams())
+        sched.submit(prompts[3], SamplingParams())
     sched.shutdown()
     assert sched.num_waiting == 0
+
+
+def test_queue_bound_zero_serves_free_rows_and_refuses_waiting(chatty, running):
+    sched = running(chatty, max_batch=1, max_queue=0)
+    prompt = chatty.encode_chat([{"role": "user", "content": "Do you ship the kettle?"}])
+    hog = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    next(hog.iter_sync())
+    with pytest.raises(QueueFullError):
+        sched.submit(prompt, SamplingParams(max_new_tokens=2))
+    hog.cancel()
+    assert _ended(hog)[-1].finish_reason == "cancelled"
+    assert _ended(sched.submit(prompt, SamplingParams(max_new_tokens=2)))[-1].finish_reason
 
 
 def test_async_streams_from_the_event_loop(engine, prompts, running):
@@ -183,6 +212,8 @@ def test_bad_requests_are_user_errors_at_submit(engine, prompts):
     sched = Scheduler(engine)
     with pytest.raises(UserError, match="temperature"):
         sched.submit(prompts[0], SamplingParams(temperature=-0.5))
+    with pytest.raises(UserError, match="seed"):
+        sched.submit(prompts[0], SamplingParams(temperature=1.0, seed=2**64))
     with pytest.raises(UserError, match="empty"):
         sched.submit([], SamplingParams())
     assert sched.num_waiting == 0
@@ -220,37 +251,98 @@ def test_requests_admitted_together_share_a_prefill_and_a_broken_one_fails_alone
         assert results[i][-1].finish_reason == expected[i].finish_reason
 
 
-def test_one_decode_step_wakes_each_event_loop_once(engine, prompts):
-    """Rows of one step are handed over with one thread-safe call per event loop, not per row."""
-    from chatdistill.inference.scheduler import Delta, Request, Wakeups
+class _RecordingLoop:
+    """Stands in for an event loop: records the callbacks handed to it from another thread."""
 
-    async def main() -> tuple[list[list[str]], int]:
-        loop = asyncio.get_running_loop()
-        calls = 0
-        original = loop.call_soon_threadsafe
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
 
-        def counting(*args):
-            nonlocal calls
-            calls += 1
-            return original(*args)
+    def call_soon_threadsafe(self, callback, *args) -> None:
+        self.calls.append((callback, *args))
 
-        loop.call_soon_threadsafe = counting
-        reqs = [Request(f"r{i}", prompts[i], SamplingParams(), lambda _r: None) for i in range(3)]
-        streams = [r.stream() for r in reqs]
+
+def test_one_send_hands_each_loop_its_events_in_one_call():
+    """A decode step wakes all its rows' listeners with one thread-safe call per event loop."""
+    loops = [_RecordingLoop(), _RecordingLoop()]
+    events = [asyncio.Event() for _ in range(3)]
+    wakeups = Wakeups()
+    wakeups.add(loops[0], events[0])
+    wakeups.add(loops[1], events[1])
+    wakeups.add(loops[0], events[2])
+    wakeups.send()
+    assert [len(loop.calls) for loop in loops] == [1, 1]
+    for loop in loops:
+        callback, *args = loop.calls[0]
+        callback(*args)
+    assert all(event.is_set() for event in events)
+    wakeups.send()  # sent events are forgotten: nothing is handed over twice
+    assert [len(loop.calls) for loop in loops] == [1, 1]
+
+
+def test_deltas_pushed_from_a_thread_reach_their_async_streams(prompts):
+    async def main() -> list[list[str]]:
+        jobs = [Job(f"r{i}", prompts[i], SamplingParams(), lambda _j: None) for i in range(3)]
+        streams = [job.stream() for job in jobs]
         firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
         await asyncio.sleep(0)  # every stream registers its loop and waits
 
-        def decode_step() -> int:
+        def decode_step() -> None:
             wakeups = Wakeups()
-            for i, r in enumerate(reqs):
-                r._push(Delta(f"tok{i}", [i], "stop"), wakeups)
+            for i, job in enumerate(jobs):
+                job._push(Delta(f"tok{i}", [i], "stop"), wakeups)
             wakeups.send()
-            return calls  # counted here: to_thread's own hand-back is one more call
 
-        step_calls = await asyncio.to_thread(decode_step)
-        got = [[(await f).text] for f in firsts]
-        return got, step_calls
+        await asyncio.to_thread(decode_step)
+        return [[(await f).text] for f in firsts]
 
-    got, calls = asyncio.run(main())
-    assert got == [["tok0"], ["tok1"], ["tok2"]]
-    assert calls == 1
+    assert asyncio.run(main()) == [["tok0"], ["tok1"], ["tok2"]]
+
+
+def test_a_request_that_cannot_start_fails_alone_and_the_thread_goes_on(engine, prompts):
+    """A seed the generator refuses (validation bypassed, as any unforeseen per-request failure
+    would be) ends that request with an error; its neighbours and later requests are served."""
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)
+    sched = Scheduler(engine, max_batch=4)
+    jobs = [sched.submit(p, params) for p in prompts[:3]]
+    jobs[1].params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=2**64)
+    sched.start()
+    try:
+        ends = [_ended(job)[-1] for job in jobs]
+        later = _ended(sched.submit(prompts[3], SamplingParams(max_new_tokens=3)))
+        assert sched.healthy
+    finally:
+        sched.shutdown()
+    assert ends[1].finish_reason == "error" and "Overflow" in ends[1].error
+    assert {ends[0].finish_reason, ends[2].finish_reason, later[-1].finish_reason} <= {
+        "stop",
+        "length",
+    }
+
+
+class _Fatal(BaseException):
+    """Something no `except Exception` catches, to kill the decode thread."""
+
+
+def test_a_dead_decode_thread_ends_every_request_and_refuses_new_ones(chatty):
+    prompt = chatty.encode_chat([{"role": "user", "content": "Is the lamp in stock?"}])
+    sched = Scheduler(chatty, max_batch=1)
+    sched.start()
+    running_job = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    next(running_job.iter_sync())
+    waiting_job = sched.submit(prompt, SamplingParams(max_new_tokens=8000))
+    assert sched.healthy
+
+    def die(*_args, **_kw):
+        raise _Fatal("the device is gone")
+
+    handle = chatty.model.register_forward_pre_hook(die, with_kwargs=True)
+    try:
+        assert _ended(running_job)[-1].finish_reason == "error"
+        assert _ended(waiting_job)[-1].finish_reason == "error"
+        assert "the device is gone" in running_job.error
+        assert not sched.healthy and "the device is gone" in sched.failure
+        with pytest.raises(SchedulerDownError, match="the device is gone"):
+            sched.submit(prompt, SamplingParams(max_new_tokens=2))
+    finally:
+        handle.remove()
+        sched.shutdown()

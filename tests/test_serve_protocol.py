@@ -5,7 +5,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from chatdistill.serve.errors import validation_error
+from chatdistill.serve.errors import APIError, validation_error
 from chatdistill.serve.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -92,6 +92,8 @@ def test_stop_accepts_a_string_or_a_list():
         ({"messages": [USER], "logprobs": True}, "logprobs", "not supported"),
         ({"messages": [USER], "presence_penalty": 0.5}, "presence_penalty", "not supported"),
         ({"messages": [USER], "tools": []}, "tools", "unrecognized request argument"),
+        ({"messages": [USER], "seed": 2**64}, "seed", "less than or equal to"),
+        ({"messages": [USER], "seed": -(2**63) - 1}, "seed", "greater than or equal to"),
     ],
 )
 def test_bad_chat_requests_name_the_field(body, param, words):
@@ -108,6 +110,33 @@ def test_completion_request_takes_a_string_or_token_ids():
     assert _error_for(CompletionRequest, {"prompt": ""}).param == "prompt"
     assert _error_for(CompletionRequest, {"prompt": [1.5]}).param.startswith("prompt")
     assert _error_for(CompletionRequest, {}).param == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "where"),
+    [
+        (CompletionRequest, {"prompt": "\ud800 x"}, "prompt"),
+        (CompletionRequest, {"prompt": "hi", "stop": ["a", "b\udfff"]}, "stop.1"),
+        (
+            ChatCompletionRequest,
+            {"messages": [{**USER, "content": "\ud83d"}]},
+            "messages.0.content",
+        ),
+        (ChatCompletionRequest, {"messages": [USER], "model": "a\udfffb"}, "model"),
+        (ChatCompletionRequest, {"messages": [USER], "\ud800": 1}, "body"),
+    ],
+)
+def test_lone_surrogates_anywhere_are_a_400_that_says_where(model, body, where):
+    err = _error_for(model, body)
+    assert err.status == 400
+    assert err.message.startswith(f"{where} holds a lone UTF-16 surrogate")
+    json.dumps(err.body(), ensure_ascii=False).encode("utf-8")  # the answer is valid UTF-8
+
+
+def test_error_text_echoed_from_the_request_stays_valid_utf8():
+    err = APIError(404, "model 'a\udfffb' is not served here", param="x\ud800")
+    json.dumps(err.body(), ensure_ascii=False).encode("utf-8")
+    assert err.message == "model 'a\\udfffb' is not served here" and err.param == "x\\ud800"
 
 
 def test_validation_error_for_malformed_json_says_so():

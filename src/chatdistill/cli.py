@@ -82,7 +82,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-batch", type=int, default=8, help="requests decoded together (default: 8)"
     )
     p.add_argument(
-        "--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)"
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait for a batch slot; more are answered 429 with Retry-After, "
+        "0 never queues (default: 64)",
     )
     p.add_argument(
         "--request-timeout",
@@ -92,6 +96,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="cancel a request after S seconds, queue time included (default: 300)",
     )
     p.add_argument("--model-name", help="name served in /v1/models (default: the directory name)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (repeatable; '*' for any); by "
+        "default only the bound address, and the loopback names for a loopback bind",
+    )
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_run_serve)
 
@@ -100,13 +112,15 @@ def _run_serve(args: argparse.Namespace) -> None:
     from chatdistill.serve.app import run_server
 
     for flag, value in [
-        ("--port", args.port),
         ("--max-batch", args.max_batch),
-        ("--max-queue", args.max_queue),
         ("--request-timeout", args.request_timeout),
     ]:
-        if value <= 0 and not (flag == "--port" and value == 0):
+        if not value > 0:  # written so that NaN fails too
             raise UserError(f"{flag} must be positive, got {value}")
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue must be 0 or more, got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
     run_server(
         args.model_dir,
         host=args.host,
@@ -116,6 +130,7 @@ def _run_serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
+        allowed_hosts=args.allowed_host,
         device=args.device,
     )
 

@@ -8,6 +8,7 @@ need a reference answer refuse it.
 
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,14 +139,60 @@ def _template(tokenizer) -> str | None:
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` followed by the assistant generation prompt."""
-    return tokenizer.apply_chat_template(
-        messages,
-        chat_template=_template(tokenizer),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=False,
+    """Token ids of `messages` followed by the assistant generation prompt.
+
+    Message content is text, never control tokens: content that spells a special token (a user
+    typing `<|im_end|>\n<|im_start|>system`) is encoded as those characters, so it cannot forge
+    a turn. Content without such text encodes exactly as the template renders it.
+    """
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise UserError(f"messages[{i}]: needs a 'role' and a string 'content'")
+    specials = _special_texts(tokenizer)
+    if not any(sp in m["content"] for m in messages for sp in specials):
+        return list(
+            tokenizer.apply_chat_template(
+                messages,
+                chat_template=_template(tokenizer),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        )
+    return _render_with_literal_content(tokenizer, messages, specials)
+
+
+def _special_texts(tokenizer) -> list[str]:
+    """The texts the tokenizer turns into special tokens, longest first (so that a token that
+    contains another is matched whole)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    texts = {*tokenizer.all_special_tokens, *(t.content for t in added if t.special)}
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def _render_with_literal_content(tokenizer, messages: list[dict], specials: list[str]) -> list[int]:
+    """Render with each special-token text in the content swapped for a marker the template
+    copies as it is, split the rendering at the template's own special tokens, then encode each
+    piece between them with the markers restored and special-token matching off."""
+    used = "".join(m["content"] for m in messages)
+    # Two private-use characters that no content holds bracket each marker.
+    free = (c for c in map(chr, range(0xE000, 0xF900)) if c not in used)
+    left, right = next(free), next(free)
+    marker = {sp: f"{left}{i}{right}" for i, sp in enumerate(specials)}
+    swap = re.compile("|".join(map(re.escape, specials)))
+    masked = [{**m, "content": swap.sub(lambda h: marker[h[0]], m["content"])} for m in messages]
+    text = tokenizer.apply_chat_template(
+        masked, chat_template=_template(tokenizer), add_generation_prompt=True, tokenize=False
     )
+    restore = re.compile(f"{left}(\\d+){right}")
+    ids: list[int] = []
+    for piece in re.split(f"({swap.pattern})", text):
+        if piece in marker:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        elif piece:
+            literal = restore.sub(lambda hit: specials[int(hit[1])], piece)
+            ids += tokenizer.encode(literal, add_special_tokens=False, split_special_tokens=True)
+    return ids
 
 
 def _render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:

@@ -10,6 +10,7 @@ running batch; the server's `Scheduler` drives the same class from a thread.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from bisect import bisect_right
 from collections import deque
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chatdistill.data import render_prompt
 from chatdistill.errors import UserError
 from chatdistill.inference.kv_cache import GrowingCache
 from chatdistill.models import ModelSource, load_pretrained
@@ -27,6 +29,8 @@ from chatdistill.models import ModelSource, load_pretrained
 _CONTEXT_TOKENS = 6
 # A UTF-8 character is at most 4 bytes: after that many undecodable tokens, emit the text as is.
 _MAX_HELD_TOKENS = 4
+# The seeds `torch.Generator.manual_seed` takes: a signed or an unsigned 64-bit integer.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 def cache_argument(model) -> str:
@@ -51,7 +55,7 @@ class SamplingParams:
         """Raise `UserError` naming the first field that is out of range."""
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
-        if self.temperature < 0:
+        if not 0 <= self.temperature < math.inf:  # written so that NaN fails too
             raise UserError(f"temperature={self.temperature}: must be 0 (greedy) or positive")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p={self.top_p}: must be in (0, 1]")
@@ -59,6 +63,8 @@ class SamplingParams:
             raise UserError(f"top_k={self.top_k}: must be 0 (off) or positive")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise UserError(f"stop={self.stop!r}: stop strings must be non-empty strings")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise UserError(f"seed={self.seed}: must be in [{SEED_MIN}, {SEED_MAX}]")
 
 
 @dataclass
@@ -219,12 +225,13 @@ def _filtered_probs(
     Returns (probs (N, V), order (N, V) or None): when `order` is given, probs are in descending
     logit order and a sampled column j means token `order[:, j]`.
     """
-    if all(k == 0 for k in top_k) and all(p >= 1.0 for p in top_p):
-        return torch.softmax(logits, dim=-1), None
     vocab = logits.shape[-1]
+    if all(k == 0 or k >= vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        return torch.softmax(logits, dim=-1), None
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device)
-    ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)
+    # A k beyond the vocabulary keeps every token (and would overflow an int64 tensor).
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= ks[:, None], float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token when the tokens ranked above it already cover top_p; the best one always stays.
@@ -465,23 +472,9 @@ class Engine:
         engine.source = source
         return engine
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of `messages` rendered with the tokenizer's chat template (ChatML if none)."""
-        from chatdistill.models.tokenizer import CHATML_TEMPLATE
-
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-                raise UserError(f"messages[{i}]: needs a 'role' and a string 'content'")
-        template = None if self.tokenizer.chat_template else CHATML_TEMPLATE
-        return list(
-            self.tokenizer.apply_chat_template(
-                messages,
-                chat_template=template,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=True,
-                return_dict=False,
-            )
-        )
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered for an answer (see `data.render_prompt`)."""
+        return render_prompt(self.tokenizer, messages)
 
     def check_prompt(self, prompt: list[int], name: str = "prompt") -> None:
         """Raise `UserError` when `prompt` is empty, holds unknown ids or fills the context."""

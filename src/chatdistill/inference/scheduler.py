@@ -4,8 +4,8 @@ The decode thread owns a `DecodeBatch` (see generate.py). Between two decode ste
 cancelled rows, admits waiting requests (prefilled several per forward pass, their KV caches merged
 into the running batch; a prompt that breaks the forward fails alone), and after the step retires
 finished rows, so a new request never waits for the whole batch to finish. Results travel to
-callers as `Delta`s: `Request.stream()` for asyncio code (woken with `loop.call_soon_threadsafe`,
-once per event loop per decode step), `Request.iter_sync()` for threads.
+callers as `Delta`s: `Job.stream()` for asyncio code (woken with `loop.call_soon_threadsafe`,
+once per event loop per decode step), `Job.iter_sync()` for threads.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class QueueFullError(Exception):
     """`max_queue` requests are already waiting; the caller should answer 429 / retry later."""
+
+
+class SchedulerDownError(Exception):
+    """The decode thread is not running (stopped, or died of an error): nothing will be served."""
 
 
 @dataclass
@@ -70,7 +74,7 @@ def _set_all(events: list[asyncio.Event]) -> None:
         event.set()
 
 
-class Request:
+class Job:
     """One submitted generation: its progress, timings (time.monotonic()) and output stream."""
 
     def __init__(
@@ -78,7 +82,7 @@ class Request:
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
-        on_cancel: Callable[[Request], None],
+        on_cancel: Callable[[Job], None],
     ) -> None:
         self.id = request_id
         self.prompt_ids = list(prompt_ids)
@@ -163,7 +167,14 @@ class Request:
 
 
 class Scheduler:
-    """Runs requests on `engine` with continuous batching, up to `max_batch` rows at a time."""
+    """Runs requests on `engine` with continuous batching, up to `max_batch` rows at a time;
+    up to `max_queue` more wait for a row, and beyond that `submit` refuses.
+
+    A failure while decoding ends only the requests it concerns (a request whose sampling state
+    cannot be built fails alone; a failed forward fails the rows that shared it) and the thread
+    goes on. Should the thread itself die, every request it held ends with an error, `failure`
+    says why and `submit` refuses, so callers never wait on a thread that is gone.
+    """
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 0:
@@ -171,13 +182,15 @@ class Scheduler:
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.on_finish: Callable[[Request], None] | None = None
+        self.on_finish: Callable[[Job], None] | None = None
         self._cond = threading.Condition()
-        self._waiting: deque[Request] = deque()
+        self._waiting: deque[Job] = deque()
         self._batch = DecodeBatch(engine)
         self._num_running = 0
+        self._taken: set[Job] = set()  # jobs taken from the queue that have not ended yet
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.failure: str | None = None  # why the decode thread died, once it has
 
     @property
     def num_running(self) -> int:
@@ -187,11 +200,18 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def healthy(self) -> bool:
+        """The decode thread is running and will serve what is submitted."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self.failure is None and not self._stopping
+
     def start(self) -> None:
         """Start the decode thread (once)."""
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping = False
+        self.failure = None
         self._thread = threading.Thread(target=self._run, name="chatdistill-decode", daemon=True)
         self._thread.start()
 
@@ -210,77 +230,119 @@ class Scheduler:
         self._num_running = 0
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-        for req in waiting:
-            self._end_unstarted(req, "cancelled")
+        for job in waiting:
+            self._end(job, "cancelled")
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> Request:
-        """Queue a request. Raises `UserError` for bad params/prompt, `QueueFullError` when full."""
+    ) -> Job:
+        """Queue a request. Raises `UserError` for bad params/prompt, `QueueFullError` when
+        `max_queue` requests would be waiting for a row, `SchedulerDownError` once the decode
+        thread has died (or was shut down)."""
         params.validate()
         self.engine.check_prompt(prompt_ids)
-        req = Request(
-            request_id or f"req-{uuid.uuid4().hex[:16]}", prompt_ids, params, self._cancel
-        )
+        job = Job(request_id or f"job-{uuid.uuid4().hex[:16]}", prompt_ids, params, self._cancel)
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            if self.failure is not None or self._stopping:
+                raise SchedulerDownError(self.failure or "the scheduler is shutting down")
+            # Requests that a free row will take at once do not count as waiting.
+            if len(self._waiting) + len(self._taken) >= self.max_batch + self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests already waiting")
-            self._waiting.append(req)
+            self._waiting.append(job)
             self._cond.notify_all()
-        return req
+        return job
 
-    def _cancel(self, req: Request) -> None:
+    def _cancel(self, job: Job) -> None:
         with self._cond:
-            if req in self._waiting:
-                self._waiting.remove(req)
+            if job in self._waiting:
+                self._waiting.remove(job)
                 waiting = True
             else:
                 waiting = False
                 self._cond.notify_all()
         if waiting:
-            self._end_unstarted(req, "cancelled")
+            self._end(job, "cancelled")
 
-    def _end_unstarted(self, req: Request, reason: str, error: str | None = None) -> None:
-        req._push(Delta("", [], reason, error))
-        self._finished(req)
+    def _release(self, job: Job) -> None:
+        """Give back the job's row before its last Delta goes out, so a caller that reacts to
+        that Delta with a new request finds the row free."""
+        with self._cond:
+            self._taken.discard(job)
 
-    def _finished(self, req: Request) -> None:
+    def _end(self, job: Job, reason: str, error: str | None = None) -> None:
+        """End a job outside the normal delivery of its row (cancelled, failed)."""
+        self._release(job)
+        job._push(Delta("", [], reason, error))
+        self._finished(job)
+
+    def _finished(self, job: Job) -> None:
         if self.on_finish is None:
             return
         try:
-            self.on_finish(req)
+            self.on_finish(job)
         except Exception:
-            log.exception("on_finish hook failed for %s", req.id)
+            log.exception("on_finish hook failed for %s", job.id)
 
     def _deliver(self, seq: Sequence, text: str, wakeups: Wakeups | None = None) -> None:
         """Send a row's progress to its request as one Delta (nothing when there is no news)."""
-        req: Request = seq.tag
-        sent = req.completion_tokens
+        job: Job = seq.tag
+        sent = job.completion_tokens
         new_ids = seq.token_ids[sent:]
-        req.completion_tokens = len(seq.token_ids)
-        req.first_token_at = seq.first_token_at
-        if text or new_ids or seq.finish_reason is not None:
-            req._push(Delta(text, new_ids, seq.finish_reason), wakeups)
+        job.completion_tokens = len(seq.token_ids)
+        job.first_token_at = seq.first_token_at
         if seq.finish_reason is not None:
-            self._finished(req)
+            self._release(job)
+        if text or new_ids or seq.finish_reason is not None:
+            job._push(Delta(text, new_ids, seq.finish_reason), wakeups)
+        if seq.finish_reason is not None:
+            self._finished(job)
 
     def _run(self) -> None:
-        model = self.engine.model
-        model.eval()
-        with no_grad_mode():
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._waiting and not self._batch:
-                        self._cond.wait()
-                    if self._stopping:
-                        return
-                    room = self.max_batch - len(self._batch)
-                    admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        try:
+            self.engine.model.eval()
+            with no_grad_mode():
+                self._loop()
+        except BaseException as e:  # nothing above to catch it: record it and end every job
+            log.exception("the decode thread died")
+            self._died(f"{type(e).__name__}: {e}")
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._batch:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                room = self.max_batch - len(self._batch)
+                admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                self._taken.update(admit)
+            try:
                 self._drop_cancelled()
                 self._admit(admit)
                 if self._batch:
                     self._step()
-                self._num_running = len(self._batch)
+            except Exception as e:  # a bug outside the per-request guards: fail the rows in hand
+                log.exception("decode loop failed")
+                with self._cond:
+                    taken = list(self._taken)
+                self._fail(taken, str(e))
+                self._batch = DecodeBatch(self.engine)
+            self._num_running = len(self._batch)
+
+    def _fail(self, jobs: list[Job], error: str) -> None:
+        """End each unfinished job in `jobs` with `error`."""
+        for job in jobs:
+            if job.finish_reason is None:
+                self._end(job, "error", error)
+
+    def _died(self, error: str) -> None:
+        with self._cond:
+            self.failure = error
+            jobs = [*self._taken, *self._waiting]
+            self._waiting.clear()
+        self._fail(jobs, error)
+        self._batch = DecodeBatch(self.engine)
+        self._num_running = 0
 
     def _drop_cancelled(self) -> None:
         for seq in self._batch.seqs:
@@ -288,16 +350,21 @@ class Scheduler:
                 self._deliver(seq, seq.finish("cancelled"))
         self._batch.retire()
 
-    def _admit(self, reqs: list[Request]) -> None:
+    def _admit(self, jobs: list[Job]) -> None:
         """Prefill the admitted requests, several per forward pass (`prefill_group`)."""
         seqs = []
-        for req in reqs:
-            if req.cancel_requested:
-                self._end_unstarted(req, "cancelled")
+        for job in jobs:
+            if job.cancel_requested:
+                self._end(job, "cancelled")
                 continue
-            seq = Sequence(self.engine, req.prompt_ids, req.params)
-            seq.tag = req
-            req.started_at = seq.started_at
+            try:
+                seq = Sequence(self.engine, job.prompt_ids, job.params)
+            except Exception as e:  # e.g. a seed the generator refuses: this request alone fails
+                log.exception("could not start %s", job.id)
+                self._end(job, "error", str(e))
+                continue
+            seq.tag = job
+            job.started_at = seq.started_at
             seqs.append(seq)
         while seqs:
             n = prefill_group((len(s.prompt_ids) for s in seqs), len(seqs))
@@ -317,7 +384,7 @@ class Scheduler:
                 text = self._batch.add(seq)
             except Exception as e:  # this prompt broke the forward; the running batch is untouched
                 log.exception("prefill failed for %s", seq.tag.id)
-                self._end_unstarted(seq.tag, "error", str(e))
+                self._end(seq.tag, "error", str(e))
                 continue
             self._num_running = len(self._batch)
             self._deliver(seq, text)
@@ -331,8 +398,7 @@ class Scheduler:
             self._batch = DecodeBatch(self.engine)
             for seq in seqs:
                 seq.finish("error")
-                seq.tag._push(Delta("", [], "error", str(e)))
-                self._finished(seq.tag)
+                self._end(seq.tag, "error", str(e))
             return
         wakeups = Wakeups()
         for seq, text in zip(seqs, texts, strict=True):

@@ -1,13 +1,13 @@
-"""The HTTP app: OpenAI-compatible routes, auth and body-size guards, metrics, the chat page.
+"""The HTTP app: OpenAI-compatible routes, health, metrics, the chat page.
 
-Routes stay thin; `serve/completions.py` holds the request-to-scheduler logic and
-`serve/protocol.py` the wire shapes. `run_server` is what `chatdistill serve` calls.
+Routes stay thin; `serve/guard.py` checks requests before any route runs, `serve/completions.py`
+holds the request-to-scheduler logic and `serve/protocol.py` the wire shapes. `run_server` is
+what `chatdistill serve` calls.
 """
 
-import hmac
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -15,17 +15,16 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine
 from chatdistill.inference.scheduler import Scheduler
 from chatdistill.serve.completions import CompletionService
 from chatdistill.serve.config import ServeConfig
-from chatdistill.serve.errors import APIError, install_error_handlers
+from chatdistill.serve.errors import install_error_handlers
+from chatdistill.serve.guard import LOOPBACK_NAMES, GuardMiddleware, HostPolicy
 from chatdistill.serve.metrics import ServerMetrics
 from chatdistill.serve.protocol import (
     ChatCompletionRequest,
@@ -36,69 +35,6 @@ from chatdistill.serve.protocol import (
 
 log = logging.getLogger("chatdistill.serve")
 _STATIC = resources.files("chatdistill.serve") / "static"
-
-
-class GuardMiddleware:
-    """Checks that run before any route parses a body: the API key on `/v1` routes (so an
-    unauthenticated client cannot make the server read or validate anything) and the body size
-    limit (the declared Content-Length, and the bytes actually received for chunked uploads)."""
-
-    def __init__(
-        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics
-    ) -> None:
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"].startswith("/v1"):
-            given = headers.get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                err = APIError(
-                    401,
-                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await self._reject(err, scope, receive, send)
-                return
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._reject(self._too_large(), scope, receive, send)
-            return
-
-        received = 0
-
-        async def counting_receive() -> Message:
-            # A body without Content-Length (chunked) is counted as it arrives; FastAPI passes an
-            # HTTPException raised while it reads the body on to the error handlers unchanged.
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise StarletteHTTPException(413, self._too_large().message)
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-    def _too_large(self) -> APIError:
-        limit = self.max_body_bytes
-        return APIError(
-            413,
-            f"request body is larger than the server's limit of {limit} bytes; send less text",
-            code="request_too_large",
-        )
-
-    async def _reject(self, err: APIError, scope: Scope, receive: Receive, send: Send) -> None:
-        self.metrics.rejected.labels(status=str(err.status)).inc()
-        await err.response()(scope, receive, send)
 
 
 def create_app(backend: Scheduler | Engine, cfg: ServeConfig) -> FastAPI:
@@ -129,6 +65,8 @@ def create_app(backend: Scheduler | Engine, cfg: ServeConfig) -> FastAPI:
         title="chatdistill",
         summary="OpenAI-compatible chat API for a distilled student model",
         lifespan=lifespan,
+        # No schema or docs pages: they would be open without a key and list every field.
+        openapi_url=None,
         docs_url=None,
         redoc_url=None,
     )
@@ -136,7 +74,11 @@ def create_app(backend: Scheduler | Engine, cfg: ServeConfig) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app, lambda status: metrics.rejected.labels(status=str(status)).inc())
     app.add_middleware(
-        GuardMiddleware, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, metrics=metrics
+        GuardMiddleware,
+        hosts=HostPolicy(cfg.host, cfg.allowed_hosts),
+        api_key=cfg.api_key,
+        max_body_bytes=cfg.max_body_bytes,
+        metrics=metrics,
     )
 
     v1 = APIRouter(prefix="/v1")
@@ -157,13 +99,17 @@ def create_app(backend: Scheduler | Engine, cfg: ServeConfig) -> FastAPI:
     app.include_router(v1)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        """200 while the decode thread serves; 503 (with the reason) once it cannot."""
+        body: dict[str, Any] = {
+            "status": "ok" if scheduler.healthy else "unavailable",
             "model": cfg.model_name,
             "running": scheduler.num_running,
             "waiting": scheduler.num_waiting,
         }
+        if not scheduler.healthy:
+            body["error"] = scheduler.failure or "the decode thread is not running"
+        return JSONResponse(body, status_code=200 if scheduler.healthy else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -199,6 +145,7 @@ def run_server(
     max_batch: int = 8,
     max_queue: int = 64,
     request_timeout_s: float = 300.0,
+    allowed_hosts: Sequence[str] = (),
     device: str | None = None,
     log_level: str = "info",
 ) -> None:
@@ -212,8 +159,10 @@ def run_server(
         max_batch=max_batch,
         max_queue=max_queue,
         request_timeout_s=request_timeout_s,
+        host=host,
+        allowed_hosts=tuple(allowed_hosts),
     )
-    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+    if not api_key and host not in LOOPBACK_NAMES:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     app = create_app(engine, cfg)
     print(f"serving '{name}' on http://{host}:{port}  (chat page at /, API at /v1)", flush=True)

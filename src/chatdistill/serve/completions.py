@@ -20,8 +20,13 @@ from starlette.types import Receive, Scope, Send
 
 from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
-from chatdistill.inference.scheduler import Delta, QueueFullError, Scheduler
-from chatdistill.inference.scheduler import Request as Job
+from chatdistill.inference.scheduler import (
+    Delta,
+    Job,
+    QueueFullError,
+    Scheduler,
+    SchedulerDownError,
+)
 from chatdistill.serve.config import ServeConfig
 from chatdistill.serve.errors import APIError
 from chatdistill.serve.metrics import ServerMetrics
@@ -33,9 +38,9 @@ from chatdistill.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChunkDelta,
-    Completion,
     CompletionChoice,
     CompletionRequest,
+    TextCompletion,
     Usage,
 )
 
@@ -103,7 +108,7 @@ class CompletionService:
         if body.stream:
             return self._sse(job, self._text_chunks(rid, len(prompt_ids), body))
         out = await self._collect(job, len(prompt_ids), request)
-        return Completion(
+        return TextCompletion(
             id=rid,
             model=self.cfg.model_name,
             choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)],
@@ -189,9 +194,16 @@ class CompletionService:
         except QueueFullError as e:
             raise APIError(
                 429,
-                f"the server is busy ({self.cfg.max_queue} requests waiting); retry shortly",
+                f"the server is busy: all {self.cfg.max_batch} batch slots are taken and "
+                f"{self.cfg.max_queue} requests are waiting for one; retry shortly",
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from e
+        except SchedulerDownError as e:
+            raise APIError(
+                503,
+                f"the server cannot generate ({e}); it needs a restart, see its log",
+                code="engine_unavailable",
             ) from e
 
     # ------------------------------------------------------------------ job -> response
@@ -347,13 +359,14 @@ class CompletionService:
 
         def make(text: str, reason: str | None) -> dict[str, Any]:
             choice = CompletionChoice(text=text, finish_reason=reason)
-            return Completion(id=rid, created=created, model=name, choices=[choice]).model_dump()
+            chunk = TextCompletion(id=rid, created=created, model=name, choices=[choice])
+            return chunk.model_dump()
 
         return _ChunkMaker(
             first=lambda: make("", None),
             piece=make,
             prompt_tokens=prompt_tokens,
-            usage=lambda n: Completion(
+            usage=lambda n: TextCompletion(
                 id=rid, created=created, model=name, choices=[], usage=Usage.of(prompt_tokens, n)
             ).model_dump(),
             include_usage=body.include_usage(),

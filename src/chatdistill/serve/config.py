@@ -19,3 +19,8 @@ class ServeConfig:
     """Largest request body accepted; larger ones are answered 413."""
     default_max_tokens: int = 512
     """Chat answers are cut here when the request sets no max_completion_tokens / max_tokens."""
+    host: str = "127.0.0.1"
+    """The address the server is bound to; requests must name it (or a loopback name for a
+    loopback or wildcard bind) in their Host header."""
+    allowed_hosts: tuple[str, ...] = ()
+    """More names the Host header may carry (e.g. the server's DNS name); "*" allows any."""

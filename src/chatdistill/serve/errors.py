@@ -46,8 +46,9 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
-        self.param = param
+        # Text echoed from the request may hold lone surrogates, which UTF-8 cannot carry.
+        self.message = _printable(message)
+        self.param = None if param is None else _printable(param)
         self.code = code
         self.headers = headers
 
@@ -62,6 +63,10 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_union_tag(part: object) -> bool:

@@ -20,11 +20,41 @@ from pydantic import (
     model_validator,
 )
 
+from chatdistill.inference.engine import SEED_MAX, SEED_MIN
+
 MAX_STOP_SEQUENCES = 4
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def lone_surrogate(value: object) -> str | None:
+    """Where in a parsed JSON value (keys included) a string holds a lone UTF-16 surrogate, as a
+    dotted path, or None. JSON's `\\ud800` escapes decode to such strings, which no tokenizer
+    can encode and no response can carry as UTF-8."""
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:  # a stack, not recursion: the body may be nested thousands deep
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and _has_surrogate(key):
+                    return path or "body"
+                stack.append((where, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), c) for i, c in enumerate(item))
+        elif isinstance(item, str) and _has_surrogate(item):
+            return path or "body"
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class TextContentPart(_Request):
@@ -53,6 +83,17 @@ class StreamOptions(_Request):
 class _SamplingChecks(_Request):
     """Checks and helpers shared by chat and text completions; each request declares its own
     fields so that they stay in the OpenAI reference order."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: object) -> object:
+        where = lone_surrogate(data)
+        if where is not None:
+            raise ValueError(
+                f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+                "send valid Unicode text"
+            )
+        return data
 
     @field_validator("n", check_fields=False)
     @classmethod
@@ -108,7 +149,7 @@ class ChatCompletionRequest(_SamplingChecks):
     )
     n: int = 1
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -164,7 +205,7 @@ class CompletionRequest(_SamplingChecks):
     max_tokens: int = Field(16, ge=1)
     n: int = 1
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -284,7 +325,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class Completion(BaseModel):
+class TextCompletion(BaseModel):
     """A text completion, whole (`usage` set) or one streamed chunk (`usage` only on the last)."""
 
     id: str
