@@ -127,7 +127,9 @@ class _RunsCode:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin"])
+@pytest.mark.parametrize(
+    "name", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"]
+)
 def test_a_tampered_pickle_in_a_checkpoint_runs_no_code(
     tmp_path, finished, tiny_models, chat_file, name
 ):

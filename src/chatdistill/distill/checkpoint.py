@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from accelerate.utils import load
+
 from chatdistill.errors import UserError
 
 STATE = "trainer_state.json"
@@ -115,6 +117,8 @@ def load_checkpoint(accelerator, path: Path, scheduler) -> dict:
         )
     schedule = _read_json(path / SCHEDULER, "learning-rate schedule", unusable)
     try:
+        # accelerate skips an RNG file it cannot read, which would quietly end bit-exact resumes.
+        load(path / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
         accelerator.load_state(str(path))
         scheduler.load_state_dict(schedule)
     except Exception as e:  # torch, safetensors and accelerate raise many types for a bad file
