@@ -124,3 +124,22 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """One tiny model directory per architecture: {'llama': ..., 'qwen2': ..., 'gpt2': ...}."""
     root = tmp_path_factory.mktemp("models")
     return {a: build_tiny_model(root / a, tokenizer_dir, a) for a in _TINY}
+
+
+def distill_cfg(out, teacher, data, **over):
+    """A 4-step recipe distilling a 2-layer student cut from `teacher`; `over` sets fields."""
+    from chatdistill.config import load_distill_config
+
+    base = {
+        "teacher": str(teacher) if teacher else None,
+        "student_num_layers": 2,
+        "data.train": str(data),
+        "output": str(out),
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.eval_every": 0,
+        "train.save_every": 2,
+        "train.warmup_steps": 1,
+    }
+    base.update(over)
+    return load_distill_config(None, {k: v for k, v in base.items() if v is not None})

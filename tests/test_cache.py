@@ -363,3 +363,43 @@ def test_cache_teacher_defaults_are_the_recipe_defaults():
     recipe = load_distill_config(None)
     assert defaults["temperature"].default == recipe.loss.temperature
     assert defaults["max_length"].default == recipe.data.max_length
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "nan"], "--temperature nan: Input should be a finite number"),
+        (["--temperature", "inf"], "--temperature inf: Input should be a finite number"),
+        (["--temperature", "-1"], "--temperature -1.0: Input should be greater than 0"),
+        (["--max-length", "0"], "--max-length 0: Input should be greater than or equal to 8"),
+        (["--batch-size", "0"], "--batch-size 0: Input should be greater than or equal to 1"),
+    ],
+)
+def test_cache_teacher_numbers_are_checked_like_the_recipes(
+    tmp_path, teacher, chat_file, capsys, monkeypatch, flags, message
+):
+    monkeypatch.setattr(cache_mod, "load_model", lambda *_: pytest.fail("loaded the teacher"))
+    args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(tmp_path / "c")]
+    assert _cache_error(capsys, [*args, *flags]) == f"error: {message}\n"
+    assert not (tmp_path / "c").exists()
+
+
+def test_cache_teacher_refuses_an_output_holding_a_model(tmp_path, teacher, chat_file, capsys):
+    before = {p.name: p.read_bytes() for p in teacher.iterdir()}
+    args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(teacher)]
+    err = _cache_error(capsys, [*args, "--top-k", "4"])
+    assert f"--output {teacher} holds a model (config.json, model.safetensors" in err
+    assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
+
+
+def test_cache_teacher_removes_a_half_written_shard_and_says_so(
+    tmp_path, teacher, chat_file, capsys
+):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / ".shard-00003.safetensors.tmp").write_bytes(b"half")
+    args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(out)]
+    assert main(["cache-teacher", *args, "--top-k", "4"]) == 0
+    said = capsys.readouterr().out
+    assert f"removed .shard-00003.safetensors.tmp from {out}, left half-written" in said
+    assert not (out / ".shard-00003.safetensors.tmp").exists()

@@ -66,3 +66,26 @@ def test_bad_yaml_and_missing_file(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(UserError, match="must be a mapping"):
         load_distill_config(str(bad))
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+        (f"train.seed={2**70}", "train.seed: Input should be less than or equal to 4294967295"),
+        ("train.lr=[", r"--set 'train.lr=\[': the value is not valid YAML \(expected"),
+        ("train.lr=.inf", "train.lr: Input should be a finite number"),
+        ("loss.temperature=.nan", "loss.temperature: Input should be a finite number"),
+    ],
+)
+def test_set_values_out_of_range_or_not_yaml_are_one_line(item, message):
+    with pytest.raises(UserError, match=message) as e:
+        load_distill_config(None, None, [item])
+    assert "\n" not in str(e.value)
+
+
+def test_binary_or_utf16_recipe_is_a_user_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes("train:\n  lr: 0.1\n".encode("utf-16"))
+    with pytest.raises(UserError, match=r"r.yaml: not UTF-8 text .*UTF-16"):
+        load_distill_config(str(recipe))

@@ -146,3 +146,53 @@ def test_loss_positions_are_those_whose_next_token_carries_loss(tok):
     ex = [render_example(tok, CONV, 512), render_example(tok, CONV[:3], 512)]
     counts = loss_positions(collate(ex, tok.pad_token_id)["labels"]).sum(1).tolist()
     assert counts == [e.n_loss_positions for e in ex] and all(counts)
+
+
+def test_binary_and_utf16_files_are_one_line_errors(tmp_path):
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes((json.dumps({"messages": CONV}) + "\n").encode("utf-16"))
+    with pytest.raises(UserError, match=r"utf16.jsonl:1: not UTF-8 text .*UTF-16"):
+        load_rows(utf16)
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(json.dumps({"messages": CONV}).encode() + b"\n\x80\xff\x00\x01\n")
+    with pytest.raises(UserError, match=r"bin.jsonl:2: not UTF-8 text \(byte 1 of the line\)"):
+        load_rows(binary)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": CONV}).encode() + b"\n")
+    assert load_rows(f)[0]["messages"] == CONV
+
+
+def test_deeply_nested_json_is_a_user_error(tmp_path):
+    f = tmp_path / "deep.jsonl"
+    f.write_text(json.dumps({"messages": CONV}) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match="deep.jsonl:2: JSON nested too deeply"):
+        load_rows(f)
+
+
+def test_unpaired_surrogate_in_content_is_a_user_error(tmp_path):
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "hi \\ud800"}]}\n')
+    with pytest.raises(UserError, match=r"s.jsonl:1: messages\[0\].content has an unpaired"):
+        load_rows(f)
+
+
+def test_a_row_larger_than_the_bound_is_refused_naming_the_limit(tmp_path):
+    from chatdistill.data import MAX_ROW_BYTES
+
+    huge = "word " * (MAX_ROW_BYTES // 5 + 1)
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": huge}]}
+    f = tmp_path / "big.jsonl"
+    f.write_text(json.dumps({"messages": CONV}) + "\n" + json.dumps(row) + "\n")
+    limit = f"{MAX_ROW_BYTES >> 20} MB"
+    with pytest.raises(UserError, match=f"big.jsonl:2: row is larger than {limit}"):
+        load_rows(f)
+    p = tmp_path / "big.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), p)
+    with pytest.raises(UserError, match=f"big.parquet:1: row is larger than {limit}"):
+        load_rows(p)
+    just_under = {"messages": [{"role": "user", "content": "x" * (MAX_ROW_BYTES - 100)}]}
+    f.write_text(json.dumps(just_under) + "\n")
+    assert len(load_rows(f)) == 1

@@ -114,3 +114,31 @@ def test_generated_data_trains_a_student_with_sft(tmp_path, tiny_models):
         },
     )
     assert (train(cfg) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "nan"], "--temperature nan: Input should be a finite number"),
+        (["--top-p", "inf"], "--top-p inf: Input should be a finite number"),
+        (["--seed", "-1"], "--seed -1: Input should be greater than or equal to 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: Input should be greater than or equal"),
+    ],
+)
+def test_generate_data_numbers_are_checked_like_the_recipes(
+    tmp_path, tiny_models, capsys, flags, message
+):
+    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(2))
+    args = ["--teacher", str(tiny_models["llama"]), "--prompts", str(prompts)]
+    err = _gen_error(capsys, [*args, "--output", str(tmp_path / "o.jsonl"), *flags])
+    assert err.startswith(f"error: {message}")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_data_never_writes_into_a_model_directory(tmp_path, tiny_models, capsys):
+    teacher = tiny_models["llama"]
+    before = {p.name: p.read_bytes() for p in teacher.iterdir()}
+    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(2))
+    args = ["--teacher", str(teacher), "--prompts", str(prompts), "--output", str(teacher)]
+    assert str(teacher) in _gen_error(capsys, args)
+    assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before

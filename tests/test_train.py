@@ -5,28 +5,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatdistill.config import load_distill_config
 from chatdistill.distill import train as train_mod
 from chatdistill.distill.train import train
 from chatdistill.errors import UserError
 
 from conftest import build_tiny_model, make_conversations, write_jsonl
-
-
-def _cfg(out, teacher, data, **over):
-    base = {
-        "teacher": str(teacher) if teacher else None,
-        "student_num_layers": 2,
-        "data.train": str(data),
-        "output": str(out),
-        "train.max_steps": 4,
-        "train.batch_size": 4,
-        "train.eval_every": 0,
-        "train.save_every": 2,
-        "train.warmup_steps": 1,
-    }
-    base.update(over)
-    return load_distill_config(None, {k: v for k, v in base.items() if v is not None})
+from conftest import distill_cfg as _cfg
 
 
 def _weights(path):

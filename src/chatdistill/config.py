@@ -19,7 +19,8 @@ LossKind = Literal[LOSS_KINDS]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan pass `gt`/`le` bounds in ways that train on NaNs: every number must be finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -53,7 +54,8 @@ class TrainConfig(_Strict):
     save_every: int = Field(50, ge=0, description="steps between checkpoints (0 = end only)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     log_every: int = Field(10, ge=1)
-    seed: int = 0
+    # numpy's seed (set by accelerate's set_seed) takes 0 .. 2**32 - 1.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of data order, init and sampling")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs")
 
 
@@ -122,6 +124,25 @@ def _format_error(e: ValidationError, source: str) -> str:
     return f"{source}: {field}: {msg}"
 
 
+def _one_line(e: yaml.YAMLError) -> str:
+    """A YAML error's problem and position without the multi-line snippet PyYAML appends."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{problem}{where}"
+
+
+def check_flag(flag: str, value: Any, section: type[BaseModel], field: str) -> None:
+    """Refuse a command-line value that the recipe's `section.field` would refuse, in its words
+    (one set of ranges for recipes and flags)."""
+    try:
+        section.model_validate({field: value})
+    except ValidationError as e:
+        raise UserError(f"{flag} {value}: {e.errors()[0]['msg']}") from None
+
+
 def load_distill_config(
     path: str | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
 ) -> DistillConfig:
@@ -133,9 +154,14 @@ def load_distill_config(
         if not p.is_file():
             raise UserError(f"{p}: config file not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"{p}: not UTF-8 text (byte {e.start + 1}); is it binary or UTF-16? "
+                "save the recipe as UTF-8 YAML"
+            ) from None
         except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML ({e})") from None
+            raise UserError(f"{p}: not valid YAML ({_one_line(e)})") from None
         if not isinstance(tree, dict):
             raise UserError(f"{p}: a recipe must be a mapping of keys to values")
         source = str(p)
@@ -145,7 +171,14 @@ def load_distill_config(
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
         k, v = item.split("=", 1)
-        _set_dotted(tree, k.strip(), yaml.safe_load(v))
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise UserError(
+                f"--set {item!r}: the value is not valid YAML ({_one_line(e)}); quote a string "
+                "that starts with [ { : or #"
+            ) from None
+        _set_dotted(tree, k.strip(), value)
     try:
         return DistillConfig.model_validate(tree)
     except ValidationError as e:

@@ -43,17 +43,46 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE
 
 
+# A conversation longer than this is far beyond any context a student trains on; bounding it keeps
+# one bad row from taking gigabytes in the tokenizer (its offsets cost ~100x the text's size).
+MAX_ROW_BYTES = 2 << 20
+
+
+def _too_long(loc: str) -> UserError:
+    return UserError(
+        f"{loc}: row is larger than {MAX_ROW_BYTES >> 20} MB, the most a row may hold; shorten "
+        "or split it (training truncates it to data.max_length tokens anyway)"
+    )
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, object]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:
+        n = 0
+        # A bounded readline: a huge line (or a binary file without newlines) is never read whole.
+        while line := f.readline(MAX_ROW_BYTES + 1):
+            n += 1
+            if len(line) > MAX_ROW_BYTES:
+                raise _too_long(f"{path}:{n}")
+            try:
+                text = line.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line); is it binary "
+                    "or UTF-16? save the data as UTF-8 JSONL"
+                ) from None
+            if not text.strip():
                 continue
             try:
-                rows.append((n, json.loads(line)))
+                rows.append((n, json.loads(text)))
             except json.JSONDecodeError as e:
                 raise UserError(
                     f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line"
+                ) from None
+            except RecursionError:
+                raise UserError(
+                    f"{path}:{n}: JSON nested too deeply to read; a row is an object with "
+                    "'messages' (a list of {role, content} objects)"
                 ) from None
     return rows
 
@@ -83,7 +112,7 @@ def _normalise(row: object, loc: str) -> dict:
     msgs = row["messages"]
     if not isinstance(msgs, list) or not msgs:
         raise UserError(f"{loc}: 'messages' must be a non-empty list of {{role, content}} objects")
-    clean = []
+    clean, size = [], 0
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{loc}: messages[{i}] needs 'role' and 'content'")
@@ -94,6 +123,16 @@ def _normalise(row: object, loc: str) -> dict:
             )
         if not isinstance(m["content"], str):
             raise UserError(f"{loc}: messages[{i}].content must be a string")
+        try:
+            size += len(m["content"].encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise UserError(
+                f"{loc}: messages[{i}].content has an unpaired surrogate "
+                f"({m['content'][e.start]!r} at character {e.start}), which is not text; "
+                "fix the text that produced it"
+            ) from None
+        if size > MAX_ROW_BYTES:
+            raise _too_long(loc)
         clean.append({"role": m["role"], "content": m["content"]})
     if all(m["role"] == "system" for m in clean):
         raise UserError(f"{loc}: conversation has no user or assistant turn")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from chatdistill import atomic
+from chatdistill.config import DataConfig, LossConfig, TrainConfig, check_flag
 from chatdistill.data import (
     Dataset,
     Example,
@@ -35,6 +36,7 @@ from chatdistill.data import (
 )
 from chatdistill.distill.divergences import SparseLogprobs
 from chatdistill.distill.fingerprints import teacher_fingerprint
+from chatdistill.distill.outputs import refuse_model_dir
 from chatdistill.distill.positions import hidden_at_loss_positions
 from chatdistill.errors import UserError
 from chatdistill.hashing import file_sha256
@@ -336,10 +338,27 @@ def write_cache(
     progress: bool = True,
 ) -> dict:
     """Run the teacher over the data once and write (or finish) the cache; return its metadata."""
-    if top_k < 1 or batch_size < 1 or shard_positions < 1:
-        raise UserError("--top-k, --batch-size and shard size must be at least 1")
-    if temperature <= 0:
-        raise UserError(f"--temperature {temperature}: must be positive")
+    if top_k < 1 or shard_positions < 1:
+        raise UserError("--top-k and shard size must be at least 1")
+    # The recipe's ranges, so a cache is only written with settings a recipe can read it with.
+    check_flag("--temperature", temperature, LossConfig, "temperature")
+    check_flag("--max-length", max_length, DataConfig, "max_length")
+    check_flag("--batch-size", batch_size, TrainConfig, "batch_size")
+    if not 0 <= tail_samples < top_k:
+        raise UserError(
+            f"--tail-samples {tail_samples}: must be at least 0 and below --top-k ({top_k}); "
+            "they take slots of the top-k"
+        )
+    out = Path(output)
+    if not (out / META).is_file():  # an existing cache is resumed; nothing else is written over
+        refuse_model_dir(out, "--output")
+    # What atomic.replacing left when the run was killed mid-write (`.NAME.tmp`).
+    removed = sorted([*out.glob(".shard-*.safetensors.tmp"), *out.glob(f".{META}.tmp")])
+    for p in removed:
+        p.unlink()
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        print(f"removed {names} from {out}, left half-written by an interrupted run")
     tokenizer = load_tokenizer(teacher, "teacher")
     model = load_model(teacher, "teacher")
     vocab = check_vocab(tokenizer, tokenizer, model)
@@ -348,16 +367,10 @@ def write_cache(
             f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens); "
             f"use --top-k {vocab} or less"
         )
-    if not 0 <= tail_samples < top_k:
-        raise UserError(
-            f"--tail-samples {tail_samples}: must be at least 0 and below --top-k ({top_k}); "
-            "they take slots of the top-k"
-        )
     rows = load_rows(data)
     require_references(rows, data, "the teacher cache")
     dataset = build_dataset(rows, tokenizer, max_length, str(data))
     examples, dropped = _unique(dataset.examples), dataset.dropped
-    out = Path(output)
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -222,9 +222,8 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # The schedule counts optimizer steps: accelerate's prepared scheduler would advance once per
-    # process, so it stays unprepared and is registered for checkpointing instead.
+    # process, so it stays unprepared; checkpoints store its state as JSON (see checkpoint.py).
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
         t_params = count_parameters(teacher_model) if teacher_model is not None else None
         s_params = count_parameters(student)

@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from chatdistill.config import OnPolicyConfig, TrainConfig, check_flag
 from chatdistill.data import load_rows, split_prompt_reference
 from chatdistill.distill.fingerprints import teacher_fingerprint
 from chatdistill.distill.rollout import seeded_rng
@@ -53,14 +54,19 @@ def generate_data(
     other fields are kept. Row i's sample j is seeded by (seed, i, j), so a resumed file equals an
     uninterrupted one. Returns a summary (rows written, truncated answers, tokens, tokens/s).
     """
-    if samples_per_prompt < 1 or batch_size < 1:
-        raise UserError("--samples-per-prompt and --batch-size must be at least 1")
+    if samples_per_prompt < 1:
+        raise UserError(f"--samples-per-prompt {samples_per_prompt}: must be at least 1")
+    # The ranges of the recipe's on-policy sampling and training fields, finite numbers only.
+    check_flag("--max-new-tokens", max_new_tokens, OnPolicyConfig, "max_new_tokens")
+    check_flag("--temperature", temperature, OnPolicyConfig, "temperature")
+    check_flag("--top-p", top_p, OnPolicyConfig, "top_p")
+    check_flag("--batch-size", batch_size, TrainConfig, "batch_size")
+    check_flag("--seed", seed, TrainConfig, "seed")
     if samples_per_prompt > 1 and temperature == 0:
         raise UserError(
             "--samples-per-prompt > 1 with --temperature 0 (greedy) repeats one answer; "
             "set --temperature above 0"
         )
-    SamplingParams(max_new_tokens, temperature, top_p).validate()
     rows = load_rows(prompts)
     out = Path(output)
     settings = {

@@ -17,11 +17,13 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from chatdistill import atomic
 from chatdistill.allocator import keep_freed_memory
 from chatdistill.config import DistillConfig, save_config
 from chatdistill.data import Dataset, collate, iter_batches, loss_positions
 from chatdistill.distill import checkpoint as ckpt
 from chatdistill.distill.losses import step_weights
+from chatdistill.distill.outputs import RECIPE, check_output
 from chatdistill.distill.prepare import Setup, prepare
 from chatdistill.distill.rollout import OnPolicySampler
 from chatdistill.errors import UserError
@@ -68,6 +70,22 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
+    def keep_until(self, step: int) -> None:
+        """Drop the records after `step` (and a line cut by a kill): a resumed run writes them
+        again, so the log holds each step once."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            step_of = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step_of, int) and step_of <= step:
+                kept.append(line + "\n")
+        atomic.write_text(self.path, "".join(kept))
+
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
@@ -88,6 +106,15 @@ def source_notes(cfg: DistillConfig) -> list[str]:
     return notes
 
 
+def _resume_notes(out: Path, step: int, changes: list[str]) -> list[str]:
+    """The saved recipe's earlier resume notes, plus this resume's changes (the recipe records
+    the run as it went, not only its last settings)."""
+    old = out / RECIPE
+    text = old.read_text(encoding="utf-8") if old.is_file() else ""
+    earlier = [line[2:] for line in text.splitlines() if line.startswith("# resumed at step")]
+    return earlier + [f"resumed at step {step} with {change}" for change in changes]
+
+
 def train(cfg: DistillConfig, resume: bool = False) -> Path:
     """Run the recipe; return the output directory holding the final student."""
     transformers.utils.logging.disable_progress_bar()
@@ -98,24 +125,30 @@ def train(cfg: DistillConfig, resume: bool = False) -> Path:
     )
     set_seed(cfg.train.seed)
     out = Path(cfg.output)
-    previous = ckpt.latest_checkpoint(out)
-    if not resume and previous is not None:
-        raise UserError(
-            f"{out} already has checkpoints; pass --resume to continue or choose a new --output"
-        )
-    if resume and previous is None and accelerator.is_main_process:
+    main = accelerator.is_main_process
+    previous, changes = check_output(cfg, resume)  # before any model is loaded
+    if resume and previous is None and main:
         print(f"no checkpoint in {out}; starting from scratch")
+    if main:
+        left = ckpt.remove_leftovers(out)
+        if left:
+            names = ", ".join(str(p) for p in left)
+            print(f"removed {names}, left half-written by an interrupted run")
     s = prepare(cfg, accelerator)
     out.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "chatdistill_config.yaml", source_notes(cfg))
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
-
     state = {"step": 0, "epoch": 0, "next_batch": 0, "tokens": 0, "pad": 0, "slots": 0}
-    if resume and previous is not None:
-        state.update(ckpt.load_checkpoint(accelerator, previous))
-        if accelerator.is_main_process:
+    notes = source_notes(cfg)
+    if previous is not None:
+        state.update(ckpt.load_checkpoint(accelerator, previous, s.scheduler))
+        notes += _resume_notes(out, state["step"], changes)
+        if main:
             print(f"resumed from {previous} (step {state['step']})")
+            for change in changes:
+                print(f"changed on resume: {change}")
+    if main:
+        save_config(cfg, out / RECIPE, notes)
+    log = MetricsLog(out / "metrics.jsonl", main)
+    log.keep_until(state["step"])
     _run_loop(s, state, log, out)
     return out
 
@@ -218,7 +251,7 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
             _maybe_eval_and_save(s, state, log, out, progress)
     except KeyboardInterrupt:
         progress.close()
-        path = ckpt.save_checkpoint(acc, out, state["step"], state, t.keep_last)
+        path = ckpt.save_checkpoint(acc, out, state["step"], state, t.keep_last, s.scheduler)
         if acc.is_main_process:
             print(f"interrupted: checkpoint saved to {path}; rerun with --resume to continue")
         raise
@@ -233,7 +266,7 @@ def _maybe_eval_and_save(s: Setup, state: dict, log, out: Path, progress) -> Non
         log.write(record)
         progress.note(record)
     if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-        ckpt.save_checkpoint(s.accelerator, out, step, state, t.keep_last)
+        ckpt.save_checkpoint(s.accelerator, out, step, state, t.keep_last, s.scheduler)
 
 
 def _finish(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
@@ -242,7 +275,7 @@ def _finish(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
     if s.val_data:
         final_eval.update(evaluate_split(s, s.val_data, s.val_teacher))
         log.write(final_eval)
-    ckpt.save_checkpoint(acc, out, state["step"], state, s.cfg.train.keep_last)
+    ckpt.save_checkpoint(acc, out, state["step"], state, s.cfg.train.keep_last, s.scheduler)
     acc.wait_for_everyone()
     if acc.is_main_process:
         ckpt.save_final_model(s.student, s.tokenizer, out)
