@@ -196,3 +196,22 @@ def test_a_row_larger_than_the_bound_is_refused_naming_the_limit(tmp_path):
     just_under = {"messages": [{"role": "user", "content": "x" * (MAX_ROW_BYTES - 100)}]}
     f.write_text(json.dumps(just_under) + "\n")
     assert len(load_rows(f)) == 1
+
+
+def test_an_answer_cut_at_its_budget_teaches_no_end_of_turn(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from chatdistill.data import TRUNCATED, build_dataset
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    msgs = [
+        {"role": "user", "content": "How much is the lamp?"},
+        {"role": "assistant", "content": "The lamp costs"},
+    ]
+    whole = build_dataset([{"messages": msgs}], tok, 512, "x")
+    cut = build_dataset([{"messages": msgs, TRUNCATED: True}], tok, 512, "x")
+    assert (whole.open_ended, cut.open_ended) == (0, 1)
+    whole_labels = [x for x in whole.examples[0].labels if x != -100]
+    cut_labels = [x for x in cut.examples[0].labels if x != -100]
+    assert tok.eos_token_id in whole_labels and tok.eos_token_id not in cut_labels
+    assert whole_labels[: len(cut_labels)] == cut_labels and len(cut_labels) >= 2

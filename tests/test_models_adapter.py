@@ -76,3 +76,19 @@ def test_an_adapter_for_another_model_is_one_line(tokenizer_dir, adapter_dir, tm
     other = build_tiny_model(tmp_path / "wide", tokenizer_dir, "llama", hidden_size=96)
     with pytest.raises(UserError, match="does not fit the model"):
         load_model(resolve(str(other), "teacher", adapter=str(adapter_dir)), "teacher")
+
+
+def test_distill_takes_a_teacher_adapter_and_records_it(
+    tiny_models, adapter_dir, chat_file, tmp_path, capsys
+):
+    from chatdistill.cli import main
+
+    out = tmp_path / "student"
+    code = main(
+        ["distill", "--teacher", str(tiny_models["llama"]), "--teacher-adapter", str(adapter_dir),
+         "--student-num-layers", "2", "--data", str(chat_file), "--output", str(out),
+         "--max-steps", "1", "--set", "train.eval_every=0", "--set", "train.save_every=0"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    recipe = (out / "chatdistill_config.yaml").read_text()
+    assert f"teacher adapter: {adapter_dir}" in recipe and "teacher_adapter:" in recipe

@@ -6,6 +6,7 @@ from chatdistill.data import load_rows
 from chatdistill.distill import teacher_answers as answers_mod
 from chatdistill.distill.teacher_answers import generate_data
 from chatdistill.distill.train import train
+from chatdistill.errors import UserError
 from chatdistill.inference.engine import Engine, SamplingParams
 
 from conftest import make_conversations, write_jsonl
@@ -142,3 +143,26 @@ def test_generate_data_never_writes_into_a_model_directory(tmp_path, tiny_models
     args = ["--teacher", str(teacher), "--prompts", str(prompts), "--output", str(teacher)]
     assert str(teacher) in _gen_error(capsys, args)
     assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
+
+
+def test_answers_cut_at_the_budget_are_marked_so_they_teach_no_ending(tmp_path, tiny_models):
+    from chatdistill.data import TRUNCATED
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", _prompt_rows(4))
+    out = tmp_path / "a.jsonl"
+    generate_data(
+        str(tiny_models["llama"]), str(prompts), str(out), max_new_tokens=3, progress=False
+    )
+    engine = Engine.load(str(tiny_models["llama"]), device="cpu")
+    for src, row in zip(load_rows(prompts), load_rows(out)):
+        done = engine.chat(src["messages"], SamplingParams(max_new_tokens=3))
+        assert row.get(TRUNCATED, False) == (done.finish_reason == "length")
+
+
+def test_a_run_that_fails_before_its_first_answer_leaves_nothing_behind(tmp_path, tiny_models):
+    long = [{"messages": [{"role": "user", "content": "lamp " * 2000}]}]
+    prompts = write_jsonl(tmp_path / "p.jsonl", long)
+    out = tmp_path / "a.jsonl"
+    with pytest.raises(UserError, match="more than the teacher's context"):
+        generate_data(str(tiny_models["llama"]), str(prompts), str(out), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]

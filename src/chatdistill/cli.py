@@ -22,9 +22,10 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         "--set takes any config field as a dotted path (e.g. --set train.lr=3e-4).",
     )
     p.add_argument("--config", help="recipe YAML (see configs/)")
-    p.add_argument("--teacher", help="teacher model directory or hub id")
+    p.add_argument("--teacher", help="teacher: model directory, GGUF file or hf:org/name")
+    p.add_argument("--teacher-adapter", help="peft LoRA adapter merged into the teacher")
     p.add_argument("--teacher-cache", help="teacher cache directory from `cache-teacher`")
-    p.add_argument("--student", help="student checkpoint directory or hub id")
+    p.add_argument("--student", help="student: model directory, GGUF file or hf:org/name")
     p.add_argument("--student-layers", help="cut from the teacher: layers to keep, e.g. 0,2,4,7")
     p.add_argument("--student-num-layers", type=int, help="cut: keep N evenly spaced layers")
     p.add_argument("--student-config", help="fresh student from a config.json")
@@ -45,6 +46,7 @@ def _run_distill(args: argparse.Namespace) -> None:
 
     flags = {
         "teacher": args.teacher,
+        "teacher_adapter": args.teacher_adapter,
         "teacher_cache": args.teacher_cache,
         "student": args.student,
         "student_layers": args.student_layers,
@@ -222,7 +224,8 @@ def _add_cache_teacher(sub: argparse._SubParsersAction) -> None:
         "killed run.",
     )
     p.add_argument("--config", help="distill recipe YAML to take the settings from")
-    p.add_argument("--teacher", help="teacher model directory (recipe: teacher)")
+    p.add_argument("--teacher", help="teacher model directory or GGUF file (recipe: teacher)")
+    p.add_argument("--teacher-adapter", help="peft LoRA adapter (recipe: teacher_adapter)")
     p.add_argument("--data", help="training data: JSONL or Parquet chat rows (recipe: data.train)")
     p.add_argument("--output", help="cache directory (recipe: teacher_cache)")
     p.add_argument("--top-k", type=int, default=64, help="log-probs kept per token (default: 64)")
@@ -253,6 +256,7 @@ def _cache_settings(args: argparse.Namespace) -> dict:
     not given the recipe's fields (--config), so the cache matches the recipe that will read it."""
     settings = {
         "teacher": args.teacher,
+        "teacher_adapter": args.teacher_adapter,
         "data": args.data,
         "output": args.output,
         "temperature": args.temperature,
@@ -262,6 +266,7 @@ def _cache_settings(args: argparse.Namespace) -> dict:
         cfg = load_distill_config(args.config)
         recipe = {
             "teacher": cfg.teacher,
+            "teacher_adapter": cfg.teacher_adapter,
             "data": cfg.data.train,
             "output": cfg.teacher_cache,
             "temperature": cfg.loss.temperature,
@@ -307,7 +312,8 @@ def _add_generate_data(sub: argparse._SubParsersAction) -> None:
         "trains on; reference answers are replaced, other fields kept. Resumable: rerun the same "
         "command to continue a partial output.",
     )
-    p.add_argument("--teacher", required=True, help="teacher model directory")
+    p.add_argument("--teacher", required=True, help="teacher model directory or GGUF file")
+    p.add_argument("--teacher-adapter", help="peft LoRA adapter merged into the teacher")
     p.add_argument("--prompts", required=True, help="chat rows (JSONL/Parquet) to answer")
     p.add_argument("--output", required=True, help="output JSONL file")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer budget (default: 256)")
@@ -322,9 +328,10 @@ def _add_generate_data(sub: argparse._SubParsersAction) -> None:
 
 def _run_generate_data(args: argparse.Namespace) -> None:
     from chatdistill.distill.teacher_answers import generate_data
+    from chatdistill.models import resolve
 
     s = generate_data(
-        args.teacher,
+        resolve(args.teacher, "teacher", adapter=args.teacher_adapter),
         args.prompts,
         args.output,
         max_new_tokens=args.max_new_tokens,

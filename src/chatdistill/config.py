@@ -69,6 +69,9 @@ class OnPolicyConfig(_Strict):
 class DistillConfig(_Strict):
     output: str = Field("runs/distill", description="output directory")
     teacher: str | None = Field(None, description="teacher model directory or hub id")
+    teacher_adapter: str | None = Field(
+        None, description="peft LoRA adapter directory merged into the teacher at load"
+    )
     teacher_cache: str | None = Field(None, description="cache from `chatdistill cache-teacher`")
     student: str | None = Field(None, description="student checkpoint directory or hub id")
     student_layers: list[int] | None = Field(None, description="cut from teacher: layers to keep")

@@ -19,7 +19,11 @@ from chatdistill.errors import UserError
 from chatdistill.models.tokenizer import CHATML_TEMPLATE
 
 ROLES = ("system", "user", "assistant")
-IGNORE = -100  # the label of a token that carries no loss (also PyTorch's and HF's default)
+IGNORE = -100
+# Row field `generate-data` sets on an answer cut at --max-new-tokens (see `render_example`).
+TRUNCATED = (
+    "truncated"  # the label of a token that carries no loss (also PyTorch's and HF's default)
+)
 
 
 @dataclass
@@ -243,12 +247,15 @@ def _render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -
     )
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer, messages: list[dict], open_end: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation; return its text and the character spans of assistant turns.
 
     Each span runs from the end of the generation prompt before the turn to the end of the
     rendering that includes it, so the turn's end-of-turn token is learned too (that is what makes
-    the model stop).
+    the model stop). With `open_end` the last turn's span stops at its text: an answer that was
+    cut at a length budget must not teach the model to end there.
     """
     text = _render_text(tokenizer, messages, False)
     spans = []
@@ -263,16 +270,20 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
                 "assistant tokens cannot be located; pass a tokenizer with a standard template"
             )
         end = len(through.rstrip("\n")) if through.endswith("\n") else len(through)
-        spans.append((len(before), end))
+        at = through.find(m["content"], len(before)) if open_end and i == len(messages) - 1 else -1
+        spans.append((len(before), at + len(m["content"]) if at >= 0 else end))
     return text, spans
 
 
-def render_example(tokenizer, messages: list[dict], max_length: int) -> Example | None:
-    """Tokenise a conversation with loss on assistant tokens only, truncated to `max_length`.
+def render_example(
+    tokenizer, messages: list[dict], max_length: int, open_end: bool = False
+) -> Example | None:
+    """Tokenise a conversation with loss on assistant tokens only, truncated to `max_length`;
+    `open_end`: the last answer was cut short, so its end-of-turn carries no loss.
 
     Returns None when no assistant token survives truncation (the caller counts those).
     """
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, open_end)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
     labels = [IGNORE] * len(ids)
@@ -290,13 +301,16 @@ class Dataset:
 
     examples: list[Example]
     dropped: int
+    open_ended: int = 0  # rows marked TRUNCATED: their last answer teaches no end-of-turn
 
 
 def build_dataset(rows: list[dict], tokenizer, max_length: int, source: str) -> Dataset:
     """Render rows (all must carry an answer) into a Dataset; refuse an empty result."""
-    examples, dropped = [], 0
+    examples, dropped, open_ended = [], 0, 0
     for row in rows:
-        ex = render_example(tokenizer, row["messages"], max_length)
+        cut = bool(row.get(TRUNCATED))
+        open_ended += cut
+        ex = render_example(tokenizer, row["messages"], max_length, open_end=cut)
         if ex is None:
             dropped += 1
         else:
@@ -306,7 +320,7 @@ def build_dataset(rows: list[dict], tokenizer, max_length: int, source: str) -> 
             f"{source}: no conversation keeps an assistant token within max_length={max_length}; "
             "raise data.max_length"
         )
-    return Dataset(examples, dropped)
+    return Dataset(examples, dropped, open_ended)
 
 
 def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -41,6 +41,7 @@ from chatdistill.distill.positions import hidden_at_loss_positions
 from chatdistill.errors import UserError
 from chatdistill.hashing import file_sha256
 from chatdistill.models import (
+    ModelSource,
     check_vocab,
     hidden_and_head,
     load_model,
@@ -151,7 +152,7 @@ class CachedTeacher:
         *,
         temperature: float,
         max_length: int,
-        teacher: str | None = None,
+        teacher: str | ModelSource | None = None,
         data: str | None = None,
     ) -> "CachedTeacher":
         """Open the cache at `path` and refuse it unless it matches the recipe, saying why: its
@@ -180,11 +181,12 @@ class CachedTeacher:
                 f"{meta['max_length']} or {rebuild} --max-length {max_length}"
             )
         if teacher:
+            teacher = resolve(teacher, "teacher")
             fp = teacher_fingerprint(teacher)
             if fp != meta["teacher_fingerprint"]:
                 raise UserError(
                     f"{path}: cache was built from another teacher ({meta['teacher']}, "
-                    f"fingerprint {meta['teacher_fingerprint']}) than --teacher {teacher} "
+                    f"fingerprint {meta['teacher_fingerprint']}) than --teacher {teacher.arg} "
                     f"({fp}); pass the cache's teacher or {rebuild}"
                 )
         cache = cls(path, meta)
@@ -325,7 +327,7 @@ _SETTINGS += ("temperature", "tail_samples", "max_length", "shard_positions")
 
 
 def write_cache(
-    teacher: str,
+    teacher: str | ModelSource,
     data: str,
     output: str,
     top_k: int = 64,
@@ -336,8 +338,10 @@ def write_cache(
     shard_positions: int = SHARD_POSITIONS,
     device: str | None = None,
     progress: bool = True,
+    teacher_adapter: str | None = None,
 ) -> dict:
     """Run the teacher over the data once and write (or finish) the cache; return its metadata."""
+    teacher = resolve(teacher, "teacher", adapter=teacher_adapter)
     if top_k < 1 or shard_positions < 1:
         raise UserError("--top-k and shard size must be at least 1")
     # The recipe's ranges, so a cache is only written with settings a recipe can read it with.
@@ -374,9 +378,9 @@ def write_cache(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "teacher": str(teacher),
+        "teacher": teacher.arg,
         "teacher_fingerprint": teacher_fingerprint(teacher),
-        "teacher_source": resolve(teacher, "teacher").record(),
+        "teacher_source": teacher.record(),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab,
         "data": str(data),

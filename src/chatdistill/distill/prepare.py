@@ -28,6 +28,7 @@ from chatdistill.distill.positions import hidden_at_loss_positions
 from chatdistill.distill.teacher import LiveTeacher, TeacherSource
 from chatdistill.errors import UserError
 from chatdistill.models import (
+    ModelSource,
     check_vocab,
     count_parameters,
     cut_student,
@@ -35,6 +36,7 @@ from chatdistill.models import (
     hidden_and_head,
     load_model,
     load_tokenizer,
+    resolve,
     student_from_config,
 )
 
@@ -154,7 +156,9 @@ def _data(cfg: DistillConfig, tokenizer) -> tuple[Dataset | None, Dataset | None
     return train, val, prompts if fraction > 0 else []
 
 
-def _student(cfg: DistillConfig, teacher_model, vocab: int, tokenizer) -> torch.nn.Module:
+def _student(
+    cfg: DistillConfig, teacher: ModelSource | None, teacher_model, vocab: int, tokenizer
+) -> torch.nn.Module:
     if cfg.student:
         model = load_model(cfg.student, "student")
         check_vocab(tokenizer, load_tokenizer(cfg.student, "student"), teacher_model, model)
@@ -163,7 +167,7 @@ def _student(cfg: DistillConfig, teacher_model, vocab: int, tokenizer) -> torch.
         return student_from_config(cfg.student_config, vocab)
     if cfg.student_layers is not None or cfg.student_num_layers is not None:
         if teacher_model is None:
-            teacher_model = load_model(cfg.teacher, "teacher") if cfg.teacher else None
+            teacher_model = load_model(teacher, "teacher") if teacher else None
         if teacher_model is None:
             raise UserError("cutting a student from the teacher needs --teacher (its weights)")
         layers = cfg.student_layers
@@ -177,10 +181,17 @@ def _student(cfg: DistillConfig, teacher_model, vocab: int, tokenizer) -> torch.
     )
 
 
+def teacher_source(cfg: DistillConfig) -> ModelSource:
+    """The recipe's teacher (with its adapter, if any), resolved: a GGUF file converts once."""
+    return resolve(cfg.teacher, "teacher", adapter=cfg.teacher_adapter)
+
+
 def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
     """Load and check everything; return the prepared Setup (errors are UserErrors)."""
     _check_mode(cfg)
-    tok_src = cfg.tokenizer or cfg.teacher or cfg.student
+    # Resolved once: a GGUF teacher is hashed (and converted, the first time) once per run.
+    teacher_src = teacher_source(cfg) if cfg.teacher else None
+    tok_src = cfg.tokenizer or teacher_src or cfg.student
     if tok_src is None:
         raise UserError("no tokenizer: pass --tokenizer DIR (or a --teacher / --student)")
     what = "tokenizer" if cfg.tokenizer else "teacher" if cfg.teacher else "student"
@@ -188,10 +199,10 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
     train_data, val_data, prompt_rows = _data(cfg, tokenizer)
     teacher_model = None
     if cfg.teacher and not cfg.is_sft and not cfg.teacher_cache:
-        teacher_model = load_model(cfg.teacher, "teacher")
-        check_vocab(tokenizer, load_tokenizer(cfg.teacher, "teacher"), teacher_model)
+        teacher_model = load_model(teacher_src, "teacher")
+        check_vocab(tokenizer, load_tokenizer(teacher_src, "teacher"), teacher_model)
     vocab = len(tokenizer)
-    student = _student(cfg, teacher_model, vocab, tokenizer)
+    student = _student(cfg, teacher_src, teacher_model, vocab, tokenizer)
     if student.get_output_embeddings().weight.shape[0] < vocab:
         raise UserError(f"student output layer is smaller than the tokenizer vocab ({vocab})")
     teacher = val_teacher = None
@@ -206,7 +217,7 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
             train_data,
             temperature=cfg.loss.temperature,
             max_length=cfg.data.max_length,
-            teacher=cfg.teacher,
+            teacher=teacher_src,
             data=cfg.data.train,
         )
         # The cache holds the whole data file, so a split of it can be scored from the cache too.
@@ -231,9 +242,12 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         n_train = len(train_data.examples) if train_data else 0
         dropped = train_data.dropped if train_data else 0
         n_val = len(val_data.examples) if val_data else 0
+        cut = train_data.open_ended if train_data else 0
+        cut_note = f"; {cut} answers cut at a length budget teach no ending" if cut else ""
         print(
             f"student: {s_params:,} parameters{ratio}; train {n_train} conversations "
-            f"({dropped} dropped by truncation), {len(prompt_rows)} prompts, validation {n_val}"
+            f"({dropped} dropped by truncation{cut_note}), {len(prompt_rows)} prompts, "
+            f"validation {n_val}"
         )
     return Setup(
         cfg=cfg,

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 from chatdistill.config import OnPolicyConfig, TrainConfig, check_flag
-from chatdistill.data import load_rows, split_prompt_reference
+from chatdistill.data import TRUNCATED, load_rows, split_prompt_reference
 from chatdistill.distill.fingerprints import teacher_fingerprint
 from chatdistill.distill.rollout import seeded_rng
 from chatdistill.errors import UserError
 from chatdistill.hashing import file_sha256
 from chatdistill.inference.engine import Engine, SamplingParams
+from chatdistill.models import ModelSource, resolve
 from chatdistill.progress import RateBar
 
 
@@ -36,7 +37,7 @@ def _complete_lines(output: Path) -> int:
 
 
 def generate_data(
-    teacher: str,
+    teacher: str | ModelSource,
     prompts: str,
     output: str,
     max_new_tokens: int = 256,
@@ -69,6 +70,7 @@ def generate_data(
         )
     rows = load_rows(prompts)
     out = Path(output)
+    teacher = resolve(teacher, "teacher")  # once: a GGUF file is hashed once
     settings = {
         "teacher_fingerprint": teacher_fingerprint(teacher),
         "prompts_sha256": file_sha256(prompts),
@@ -95,7 +97,22 @@ def generate_data(
     side.write_text(json.dumps(settings, indent=1))
     done = _complete_lines(out)
     jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)][done:]
+    try:
+        return _answer(
+            teacher, rows, prompts, out, jobs, done, settings, batch_size, device, progress
+        )
+    except BaseException:
+        if not out.exists() or out.stat().st_size == 0:  # nothing written: leave nothing behind
+            out.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
+        raise
 
+
+def _answer(teacher, rows, prompts, out, jobs, done, settings, batch_size, device, progress):
+    """Answer `jobs` (row, sample) and append them to `out`; the summary `generate_data` returns."""
+    max_new_tokens, temperature, top_p, seed = (
+        settings[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")
+    )
     engine = Engine.load(teacher, device=device)
     prompt_msgs = [split_prompt_reference(r["messages"])[0] for r in rows]
     ids = {}
@@ -122,7 +139,10 @@ def generate_data(
             results = engine.generate([ids[i] for i, _ in part], params, batch_size=batch_size)
             for (i, _), c in zip(part, results, strict=True):
                 answer = {"role": "assistant", "content": c.text}
-                f.write(json.dumps({**rows[i], "messages": [*prompt_msgs[i], answer]}) + "\n")
+                row = {**rows[i], "messages": [*prompt_msgs[i], answer]}
+                if c.finish_reason == "length":  # cut mid-answer: it must not teach an ending
+                    row[TRUNCATED] = True
+                f.write(json.dumps(row) + "\n")
                 summary["truncated"] += c.finish_reason == "length"
                 summary["new_tokens"] += len(c.token_ids)
             f.flush()

@@ -103,6 +103,8 @@ def source_notes(cfg: DistillConfig) -> list[str]:
                 f"{role}: {info['file']} (GGUF {info['quantization']}, {info['architecture']}, "
                 f"sha256 {info['sha256']})"
             )
+    if cfg.teacher_adapter:
+        notes.append(f"teacher adapter: {cfg.teacher_adapter} (merged into the teacher at load)")
     return notes
 
 

@@ -462,7 +462,9 @@ class Engine:
         self.source: ModelSource | None = None  # where `load` found the model
 
     @classmethod
-    def load(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None) -> Engine:
+    def load(
+        cls, path: str | ModelSource, device: str | None = None, dtype: torch.dtype | None = None
+    ) -> Engine:
         """Load a model with its tokenizer through `models.load_pretrained` (a directory, a GGUF
         file, or `hf:org/name`); `device` defaults to CUDA when present, `dtype` to
         `models.default_dtype`."""

@@ -48,10 +48,17 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def resolve(
-    arg: str | Path, what: str = "model", needs: str = "model", adapter: str | Path | None = None
+    arg: str | Path | ModelSource,
+    what: str = "model",
+    needs: str = "model",
+    adapter: str | Path | None = None,
 ) -> ModelSource:
     """Resolve `arg` (see the module docstring); `needs` is "model" or "tokenizer"; `adapter` is
     a peft adapter directory to merge into the model `arg` names."""
+    if isinstance(arg, ModelSource):
+        return (
+            arg if adapter is None else replace(arg, adapter=str(_adapter_dir(Path(adapter), what)))
+        )
     if adapter is not None:
         src = resolve(arg, what, needs)
         return replace(src, adapter=str(_adapter_dir(Path(adapter), f"{what} adapter")))
