@@ -27,7 +27,8 @@ from pathlib import Path
 from chatdistill.config import load_distill_config
 from chatdistill.demo.run import DemoConfig, kd_recipe, prepare_kd_inputs
 from chatdistill.distill.train import train
-from chatdistill.evaluate.run import EvalConfig, evaluate
+from chatdistill.evaluate.config import EvalConfig
+from chatdistill.evaluate.run import evaluate
 
 RECIPES = {
     "offpolicy_t2": {"temperature": 2.0, "ce_weight": 0.5},

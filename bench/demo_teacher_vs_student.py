@@ -23,15 +23,12 @@ from pathlib import Path
 
 from chatdistill.data import load_rows
 from chatdistill.demo.data import demo_asset_dir
-from chatdistill.evaluate.run import (
-    EvalConfig,
-    answer_all,
-    pad_id,
-    prepare_items,
-    score,
-    text_quality,
-)
+from chatdistill.evaluate.answering import answer_all, text_quality
+from chatdistill.evaluate.config import EvalConfig
+from chatdistill.evaluate.items import prepare_items
+from chatdistill.evaluate.loading import pad_id
 from chatdistill.evaluate.scores import answer_correct
+from chatdistill.evaluate.token_scoring import score
 from chatdistill.inference.engine import Engine
 
 SPLITS = ("validation", "test")

@@ -6,7 +6,10 @@ import pytest
 from chatdistill.cli import main
 from chatdistill.data import render_example
 from chatdistill.errors import UserError
-from chatdistill.evaluate.run import EvalConfig, _names, evaluate, prepare_items, weights_size
+from chatdistill.evaluate.config import EvalConfig
+from chatdistill.evaluate.items import prepare_items
+from chatdistill.evaluate.probes import weights_size
+from chatdistill.evaluate.run import evaluate, model_names
 from chatdistill.models.tokenizer import train_bpe_tokenizer
 
 from conftest import build_tiny_model, make_conversations, write_jsonl
@@ -202,8 +205,8 @@ def test_prepare_items_keeps_prompt_reference_and_answer(tokenizer_dir):
 
 
 def test_names_are_unique_and_readable():
-    assert _names(["a/x", "b/x", "c/y"]) == ["a/x", "b/x", "y"]
-    assert _names(["a/x", "a/x"]) == ["a/x#1", "a/x#2"]
+    assert model_names(["a/x", "b/x", "c/y"]) == ["a/x", "b/x", "y"]
+    assert model_names(["a/x", "a/x"]) == ["a/x#1", "a/x#2"]
 
 
 def test_weights_size_counts_only_weight_files(tmp_path):

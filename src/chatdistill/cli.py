@@ -170,8 +170,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from chatdistill.evaluate.config import EvalConfig
     from chatdistill.evaluate.report import print_tables
-    from chatdistill.evaluate.run import EvalConfig, evaluate
+    from chatdistill.evaluate.run import evaluate
 
     cfg = EvalConfig(
         teacher=args.teacher,

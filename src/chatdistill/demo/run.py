@@ -280,7 +280,8 @@ def summary(results: dict) -> str:
 
 
 def _run(cfg: DemoConfig, say) -> dict:
-    from chatdistill.evaluate.run import EvalConfig, evaluate
+    from chatdistill.evaluate.config import EvalConfig
+    from chatdistill.evaluate.run import evaluate
 
     inputs = prepare_kd_inputs(cfg, say)
     out, paths, common, teacher = Path(cfg.output), inputs.paths, inputs.common, inputs.teacher

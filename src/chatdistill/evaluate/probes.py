@@ -1,0 +1,123 @@
+"""What a model costs: weights on disk, prefill and decode speed, and peak memory while
+generating (measured in a fresh process per model, see `memory_child`)."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from chatdistill.evaluate.config import EvalConfig
+from chatdistill.inference.engine import SamplingParams
+
+WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data", ".onnx.data"
+)  # fmt: skip
+
+
+def weights_size(path: str | Path) -> int:
+    """Bytes of weight files (safetensors, bin, ...) directly in a model directory."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def speed_probe(engine, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> dict:
+    """Prefill tokens/s and time to first token (batch 1), decode tokens/s at batch 1 and 8.
+
+    End-of-sequence is switched off for the probe so every model decodes `new_tokens` tokens and
+    the rates compare like for like. Decode rate = tokens after the first / time after the first.
+    The probe runs `repeats` times and keeps each figure's best: other load on the machine only
+    ever slows a pass down, and one slow spell would otherwise decide a model's figure.
+    """
+    device = next(engine.model.parameters()).device
+    saved, engine.eos_token_ids = engine.eos_token_ids, set()
+    try:
+        engine.generate([prompts[0]], SamplingParams(max_new_tokens=2), batch_size=1)  # warm-up
+        passes = [_speed_pass(engine, prompts, new_tokens, device) for _ in range(repeats)]
+    finally:
+        engine.eos_token_ids = saved
+    best = {}
+    for key in passes[0]:
+        values = [p[key] for p in passes if p[key] is not None]
+        pick = min if key == "time_to_first_token_s" else max
+        best[key] = pick(values) if values else None
+    return best
+
+
+def _speed_pass(engine, prompts: list[list[int]], new_tokens: int, device) -> dict:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    ttft, prefill_tok, decode_tok, decode_s = [], 0, 0, 0.0
+    for p in prompts:
+        (c,) = engine.generate([p], params, batch_size=1)
+        ttft.append(c.time_to_first_token_s)
+        prefill_tok += len(c.prompt_ids)
+        decode_tok += max(0, len(c.token_ids) - 1)
+        decode_s += c.elapsed_s - c.time_to_first_token_s
+    batch8 = (prompts * 8)[:8]
+
+    def timed(p: SamplingParams) -> tuple[float, list]:
+        _sync(device)
+        start = time.perf_counter()
+        out = engine.generate(batch8, p, batch_size=8)
+        _sync(device)
+        return time.perf_counter() - start, out
+
+    # The batch decodes for its wall time minus its prefills, timed alone (one token each).
+    b8_prefill, _ = timed(SamplingParams(max_new_tokens=1, temperature=0.0))
+    wall, done = timed(params)
+    b8_tok = sum(max(0, len(c.token_ids) - 1) for c in done)
+    return {
+        "prefill_tokens_per_s": prefill_tok / sum(ttft) if sum(ttft) > 0 else None,
+        "decode_tokens_per_s_batch1": decode_tok / decode_s if decode_s > 0 else None,
+        "decode_tokens_per_s_batch8": b8_tok / (wall - b8_prefill) if wall > b8_prefill else None,
+        "time_to_first_token_s": statistics.median(ttft),
+    }
+
+
+MEMORY_METHODS = {
+    "cuda-max-allocated": "torch.cuda.max_memory_allocated while generating at --batch-size "
+    "(weights, KV cache, activations), after a warm-up, in a fresh process per model",
+    "rss-hwm": "weight bytes plus the growth of the resident-set high-water mark while generating "
+    "at --batch-size (KV cache, activations), after a warm-up, in a fresh process per model",
+    "ru-maxrss": "peak RSS of a fresh process per model minus its RSS before loading (includes "
+    "the loading peak and libraries: an upper bound)",
+}
+
+
+def memory_probe(path: str, prompts: list[list[int]], cfg: EvalConfig) -> tuple[float, str]:
+    """Peak memory (MB) of one model generating greedy answers to `prompts` at --batch-size,
+    measured in a fresh subprocess so models measured earlier do not count. Returns (MB, key of
+    MEMORY_METHODS)."""
+    spec = {
+        "path": path,
+        "prompts": prompts,
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(),
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "chatdistill.evaluate.memory_child", f.name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe for {path} failed:\n{proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["peak_memory_mb"], out["method"]
