@@ -88,8 +88,8 @@ def main() -> None:
             model_cards=False,
         )
     )
-    by_name = {Path(m["path"]).name: m["quality"] for m in results["models"][1:]}
-    t = results["models"][0]["quality"]
+    by_name = {Path(m.path).name: dataclasses.asdict(m.quality) for m in results.models[1:]}
+    t = dataclasses.asdict(results.teacher.quality)
     print(f"\nteacher: accuracy {t['accuracy']:.1f}%, held-out CE {t['ce']:.3f}")
     print(
         f"{'recipe':14} {'accuracy %':>10} {'kept %':>7} {'CE':>7} {'train s':>8} {'vs seqkd':>9}"

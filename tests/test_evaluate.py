@@ -1,5 +1,6 @@
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 
@@ -9,6 +10,7 @@ from chatdistill.errors import UserError
 from chatdistill.evaluate.config import EvalConfig
 from chatdistill.evaluate.items import prepare_items
 from chatdistill.evaluate.probes import weights_size
+from chatdistill.evaluate.result import EvalResult, ModelResult
 from chatdistill.evaluate.run import evaluate, model_names
 from chatdistill.models.tokenizer import train_bpe_tokenizer
 
@@ -55,57 +57,57 @@ def run(setup):
     return evaluate(cfg)
 
 
-def _by_name(results: dict) -> dict:
-    return {m["name"]: m for m in results["models"]}
+def _by_name(results: EvalResult) -> dict[str, ModelResult]:
+    return {m.name: m for m in results.models}
 
 
 def test_eval_writes_results_summary_and_report(run, setup):
     out = setup["root"] / "out"
-    assert json.loads((out / "results.json").read_text()) == run
+    assert EvalResult.from_json(json.loads((out / "results.json").read_text())) == run
     assert "## Teacher quality kept" in (out / "summary.md").read_text()
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
-    assert [m["role"] for m in run["models"]] == ["teacher", "student", "student"]
-    assert run["data"]["conversations"] == 4 and run["data"]["with_answer"] == 2
-    assert run["kept_mode"] == "ratio"
+    assert [m.role for m in run.models] == ["teacher", "student", "student"]
+    assert run.data.conversations == 4 and run.data.with_answer == 2
+    assert run.kept_mode == "ratio"
 
 
 def test_teacher_copy_as_student_matches_teacher_exactly(run):
     m = _by_name(run)
     teacher, twin = m["llama"], m["twin"]
-    assert twin["fidelity"]["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert twin["fidelity"]["top1_agreement"] == 100.0
-    assert twin["fidelity"]["rouge_l_vs_teacher"] == pytest.approx(100.0)
-    assert twin["quality"] == pytest.approx(teacher["quality"])
+    assert twin.fidelity.kl == pytest.approx(0.0, abs=1e-6)
+    assert twin.fidelity.top1_agreement == 100.0
+    assert twin.fidelity.rouge_l_vs_teacher == pytest.approx(100.0)
+    assert asdict(twin.quality) == pytest.approx(asdict(teacher.quality))
     for key in ("ce", "perplexity", "chrf"):
-        assert twin["kept"][key] == pytest.approx(100.0)
+        assert getattr(twin.kept, key) == pytest.approx(100.0)
 
 
 def test_smaller_student_differs_and_costs_less(run):
     m = _by_name(run)
     teacher, small = m["llama"], m["small"]
-    assert small["fidelity"]["kl"] > 0.001
-    assert small["quality"]["ce"] != pytest.approx(teacher["quality"]["ce"])
-    expected = 100 * teacher["quality"]["ce"] / small["quality"]["ce"]
-    assert small["kept"]["ce"] == pytest.approx(expected)
-    assert small["cost"]["parameters"] < teacher["cost"]["parameters"]
-    assert small["cost"]["size_on_disk_bytes"] < teacher["cost"]["size_on_disk_bytes"]
-    assert teacher["fidelity"] is None and teacher["kept"] is None
+    assert small.fidelity.kl > 0.001
+    assert small.quality.ce != pytest.approx(teacher.quality.ce)
+    expected = 100 * teacher.quality.ce / small.quality.ce
+    assert small.kept.ce == pytest.approx(expected)
+    assert small.cost.parameters < teacher.cost.parameters
+    assert small.cost.size_on_disk_bytes < teacher.cost.size_on_disk_bytes
+    assert teacher.fidelity is None and teacher.kept is None
 
 
 def test_quality_and_speed_fields_are_measured(run):
-    for m in run["models"]:
-        q, c = m["quality"], m["cost"]
-        assert q["perplexity"] > 1 and 0 <= q["rouge_l"] <= 100 and 0 <= q["chrf"] <= 100
-        assert 0 <= q["accuracy"] <= 100
-        assert c["prefill_tokens_per_s"] > 0 and c["time_to_first_token_s"] > 0
-        assert c["decode_tokens_per_s_batch1"] > 0 and c["decode_tokens_per_s_batch8"] > 0
-        assert c["peak_memory_mb"] is None  # memory=False
+    for m in run.models:
+        q, c = m.quality, m.cost
+        assert q.perplexity > 1 and 0 <= q.rouge_l <= 100 and 0 <= q.chrf <= 100
+        assert 0 <= q.accuracy <= 100
+        assert c.prefill_tokens_per_s > 0 and c.time_to_first_token_s > 0
+        assert c.decode_tokens_per_s_batch1 > 0 and c.decode_tokens_per_s_batch8 > 0
+        assert c.peak_memory_mb is None  # memory=False
 
 
 def test_samples_show_every_models_answer(run):
-    assert len(run["samples"]) == 2
-    assert set(run["samples"][0]["answers"]) == {"llama", "small", "twin"}
-    assert run["samples"][0]["answers"]["twin"] == run["samples"][0]["answers"]["llama"]
+    assert len(run.samples) == 2
+    assert set(run.samples[0].answers) == {"llama", "small", "twin"}
+    assert run.samples[0].answers["twin"] == run.samples[0].answers["llama"]
 
 
 def test_model_card_written_into_each_student(run, setup):
@@ -126,10 +128,10 @@ def test_baseline_turns_kept_into_gap_closed(setup):
         **{**FAST, "max_samples": 2},
     )
     results = evaluate(cfg)
-    assert results["kept_mode"] == "gap_closed"
+    assert results.kept_mode == "gap_closed"
     twin = _by_name(results)["twin"]
-    assert twin["kept"]["ce"] == pytest.approx(100.0)
-    assert _by_name(results)["small"]["kept"] is None
+    assert twin.kept.ce == pytest.approx(100.0)
+    assert _by_name(results)["small"].kept is None
 
 
 def _cfg(setup, **kw) -> EvalConfig:

@@ -36,6 +36,17 @@ from chatdistill.evaluate.loading import (
     pad_id,
 )
 from chatdistill.evaluate.probes import MEMORY_METHODS, memory_probe, speed_probe, weights_size
+from chatdistill.evaluate.result import (
+    Cost,
+    DataSummary,
+    EvalResult,
+    Fidelity,
+    Kept,
+    ModelResult,
+    Quality,
+    Sample,
+    Settings,
+)
 from chatdistill.evaluate.token_scoring import score
 from chatdistill.models.students import count_parameters
 
@@ -65,43 +76,44 @@ def _free(engine) -> None:
         torch.cuda.empty_cache()
 
 
-def _evaluate_one(engine, items, cfg, teacher=None, vocab=None, teacher_answers=None) -> tuple:
-    """Quality, fidelity and cost of one loaded model; returns (entry fields, answers)."""
+def _evaluate_one(
+    engine, items, cfg, teacher=None, vocab=None, teacher_answers=None
+) -> tuple[Quality, Fidelity | None, dict, list[str], int]:
+    """Quality, fidelity and cost (parameters and speed) of one loaded model; fidelity needs the
+    teacher's model and answers. Returns them with its answers and the number of scored tokens."""
     examples = [it.example for it in items if it.example is not None]
     sums = score(engine.model, examples, cfg.batch_size, pad_id(engine.tokenizer), teacher, vocab)
     answers = answer_all(engine, [it.prompt for it in items], cfg)
-    quality = {
-        "ce": sums.ce,
-        "perplexity": scores.perplexity(sums.ce),
-        **text_quality(answers, items),
-    }
+    quality = Quality(
+        ce=sums.ce, perplexity=scores.perplexity(sums.ce), **text_quality(answers, items)
+    )
     fidelity = None
     if teacher is not None:
-        fidelity = {
-            "kl": sums.kl_mean,
-            "top1_agreement": sums.agreement,
-            "rouge_l_vs_teacher": scores.mean_rouge_l(answers, teacher_answers),
-        }
+        fidelity = Fidelity(
+            kl=sums.kl_mean,
+            top1_agreement=sums.agreement,
+            rouge_l_vs_teacher=scores.mean_rouge_l(answers, teacher_answers),
+        )
     speed_ids = [prompt_ids(engine, it.prompt, cfg.speed_new_tokens) for it in items]
     cost = {
         "parameters": count_parameters(engine.model),
         **speed_probe(engine, speed_ids[: cfg.speed_prompts], cfg.speed_new_tokens),
     }
-    return {"quality": quality, "fidelity": fidelity}, cost, answers, sums.tokens
+    return quality, fidelity, cost, answers, sums.tokens
 
 
-def _kept(entry: dict, teacher: dict, baseline: dict | None) -> dict:
+def _kept(student: Quality, teacher: Quality, baseline: Quality | None) -> Kept:
     out = {}
     for k in QUALITY_KEYS:
-        s, t = entry["quality"][k], teacher["quality"][k]
+        s, t = getattr(student, k), getattr(teacher, k)
         if s is None or t is None:
             out[k] = None
         elif baseline is not None:
-            b = baseline["quality"][k]
+            b = getattr(baseline, k)
             out[k] = None if b is None else scores.gap_closed(s, t, b)
         else:
             out[k] = scores.percent_kept(s, t, higher_is_better=k not in LOWER_IS_BETTER)
-    return out
+    return Kept(**out)
 
 
 def _recipe(student_dir: str) -> dict:
@@ -110,10 +122,9 @@ def _recipe(student_dir: str) -> dict:
     return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 
 
-def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
+def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate teacher, students and baseline; write results.json, summary.md, report.html and
-    the students' model cards into cfg.output; return the results dict. `say` gets progress
-    lines."""
+    the students' model cards into cfg.output; return the results. `say` gets progress lines."""
     roles = [("teacher", cfg.teacher, "--teacher")]
     roles += [("student", s, "--student") for s in cfg.students]
     roles += [("baseline", cfg.baseline, "--baseline")] if cfg.baseline else []
@@ -130,79 +141,70 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
         rows, teacher.tokenizer, min(cfg.max_length, teacher.context_length), cfg.data
     )
     names = model_names([p for _, p, _ in roles])
-    entries, answers = [], {}
+    models: list[ModelResult] = []
+    answers: dict[str, list[str]] = {}
     for (role, path, _), name in zip(roles, names, strict=True):
         say(f"evaluating {role} {name} ...")
         if role == "teacher":
-            fields, cost, ans, scored_tokens = _evaluate_one(teacher, items, cfg)
+            quality, fidelity, cost, ans, scored_tokens = _evaluate_one(teacher, items, cfg)
         else:
             engine = load_engine(path, cfg.device, cfg.dtype)
             vocab = check_vocab(teacher.tokenizer, engine.tokenizer, teacher.model, engine.model)
-            fields, cost, ans, _ = _evaluate_one(
+            quality, fidelity, cost, ans, _ = _evaluate_one(
                 engine, items, cfg, teacher.model, vocab, answers[names[0]]
             )
             _free(engine)
-        cost["size_on_disk_bytes"] = weights_size(path)
-        entries.append({"name": name, "role": role, "path": str(path), **fields, "cost": cost})
+        cost = Cost(**cost, size_on_disk_bytes=weights_size(path))
+        models.append(ModelResult(name, role, str(path), quality, fidelity, cost))
         answers[name] = ans
     device = str(next(teacher.model.parameters()).device)
     _free(teacher)
 
     method = "not measured (--no-memory)"
-    for e in entries:
-        e["cost"]["peak_memory_mb"] = None
     if cfg.memory:
-        say(f"measuring peak memory of {', '.join(e['name'] for e in entries)} ...")
+        say(f"measuring peak memory of {', '.join(m.name for m in models)} ...")
         probes = []
-        for e in entries:
-            tok = load_tokenizer(e["path"])
+        for m in models:
+            tok = load_tokenizer(m.path)
             ids = [render_prompt(tok, it.prompt) for it in items[: cfg.batch_size]]
-            probes.append((e["path"], ids))
+            probes.append((m.path, ids))
         # One fresh process per model; they share nothing, so run as many at once as there are
         # cores (their start-up, mostly importing torch, is most of the time).
         with ThreadPoolExecutor(max_workers=max(1, min(len(probes), os.cpu_count() or 1))) as pool:
             measured = list(pool.map(lambda probe: memory_probe(*probe, cfg), probes))
-        for e, (peak, key) in zip(entries, measured, strict=True):
-            e["cost"]["peak_memory_mb"], method = peak, MEMORY_METHODS[key]
+        for m, (peak, key) in zip(models, measured, strict=True):
+            m.cost.peak_memory_mb, method = peak, MEMORY_METHODS[key]
 
-    by_role = {e["role"]: e for e in entries}
-    for e in entries:
-        e["kept"] = (
-            None
-            if e["role"] != "student"
-            else _kept(e, by_role["teacher"], by_role.get("baseline"))
-        )
+    baseline = next((m.quality for m in models if m.role == "baseline"), None)
+    for m in models:
+        if m.role == "student":
+            m.kept = _kept(m.quality, models[0].quality, baseline)
 
-    logs = {e["name"]: str(Path(e["path"]) / "metrics.jsonl") for e in entries}
+    logs = {m.name: str(Path(m.path) / "metrics.jsonl") for m in models}
     logs = {n: p for n, p in logs.items() if Path(p).is_file()}
     logs.update({Path(p).parent.name or p: str(p) for p in cfg.metrics_jsonl})
     samples = [
-        {
-            "messages": it.prompt,
-            "reference": it.reference,
-            "answers": {n: a[i] for n, a in answers.items()},
-        }
+        Sample(it.prompt, it.reference, {n: a[i] for n, a in answers.items()})
         for i, it in enumerate(items[: cfg.num_samples])
     ]
-    results = {
-        "schema": "chatdistill.eval/1",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {
-            "path": str(cfg.data),
-            "conversations": len(items),
-            "scored_tokens": scored_tokens,
-            "with_reference": sum(it.reference is not None for it in items),
-            "with_answer": sum(it.answer is not None for it in items),
-        },
-        "settings": {**asdict(cfg), "device": device, "memory_method": method},
-        "kept_mode": "gap_closed" if cfg.baseline else "ratio",
-        "models": entries,
-        "samples": samples,
-        "training_logs": logs,
-    }
+    results = EvalResult(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data=DataSummary(
+            path=str(cfg.data),
+            conversations=len(items),
+            scored_tokens=scored_tokens,
+            with_reference=sum(it.reference is not None for it in items),
+            with_answer=sum(it.answer is not None for it in items),
+        ),
+        settings=Settings(**{**asdict(cfg), "device": device, "memory_method": method}),
+        kept_mode="gap_closed" if cfg.baseline else "ratio",
+        models=models,
+        samples=samples,
+        training_logs=logs,
+    )
     report.write_reports(results, cfg.output)
     if cfg.model_cards:
-        for e in entries:
-            if e["role"] == "student":
-                report.write_model_card(e["path"], results, _recipe(e["path"]))
+        for m in models:
+            if m.role == "student":
+                report.write_model_card(m.path, results, _recipe(m.path))
     return results
