@@ -5,6 +5,8 @@ import re
 import pytest
 from browser import CHROMIUM, DRIVER, MISSING, headless_chromium
 
+from chatdistill.config import load_distill_config
+from chatdistill.distill.train import train
 from chatdistill.errors import UserError
 from chatdistill.evaluate.report import (
     headline,
@@ -14,6 +16,7 @@ from chatdistill.evaluate.report import (
     render_markdown,
     tables,
     text_table,
+    validation_curves,
     write_model_card,
     write_reports,
 )
@@ -59,7 +62,7 @@ def results(tmp_path):
     log.write_text(
         '{"step": 10, "loss": 2.3, "lr": 0.001, "tokens_per_s": 500}\n'
         '{"step": 20, "loss": 1.9, "lr": 0.001, "tokens_per_s": 510}\n'
-        '{"step": 20, "split": "val", "ce": 2.0, "kd": 0.4}\n'
+        '{"step": 20, "split": "val", "val_ce": 2.0, "val_ppl": 7.39, "val_kd": 0.4}\n'
         '{"step": 30, "lo'  # a line still being written
     )
     fid = Fidelity(kl=0.1234, top1_agreement=81.0, rouge_l_vs_teacher=64.0)
@@ -142,7 +145,38 @@ def test_markdown_summary_has_tables_and_escaped_sample(results):
 def test_training_log_splits_train_and_eval_and_skips_partial_lines(results):
     log = read_training_log(results.training_logs["student"])
     assert [r["step"] for r in log["train"]] == [10, 20]
-    assert log["eval"] == [{"step": 20, "split": "val", "ce": 2.0, "kd": 0.4}]
+    assert [(r["step"], r["split"], r["val_ce"]) for r in log["eval"]] == [(20, "val", 2.0)]
+
+
+@pytest.fixture(scope="module")
+def trained_log(tmp_path_factory, tiny_models, chat_file):
+    """metrics.jsonl of a real four-step distillation, validated every two steps."""
+    out = tmp_path_factory.mktemp("trained") / "student"
+    overrides = {
+        "teacher": str(tiny_models["llama"]),
+        "student_num_layers": 1,
+        "data.train": str(chat_file),
+        "output": str(out),
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.eval_every": 2,
+        "train.save_every": 0,
+        "train.warmup_steps": 1,
+    }
+    return train(load_distill_config(None, overrides)) / "metrics.jsonl"
+
+
+def test_validation_curves_read_what_the_trainer_writes(trained_log):
+    curves = validation_curves({"kd": read_training_log(trained_log)})
+    assert set(curves) == {"kd CE", "kd KD"}
+    steps, values, _ = curves["kd CE"]
+    assert steps == [2, 4] and all(v > 0 for v in values)
+    assert curves["kd KD"][0] == [2, 4]
+
+
+def test_validation_curves_from_the_fixture_log(results):
+    curves = validation_curves({"student": read_training_log(results.training_logs["student"])})
+    assert curves == {"student CE": ([20], [2.0], "-"), "student KD": ([20], [0.4], "--")}
 
 
 def test_html_embeds_png_plots_and_escapes_text(results):

@@ -338,6 +338,24 @@ def read_training_log(path: str | Path) -> dict[str, list[dict]]:
     return {"train": train, "eval": evals}
 
 
+# The validation records the trainer writes (`distill.train.evaluate_split`): key, label, style.
+VALIDATION_KEYS = (("val_ce", "CE", "-"), ("val_kd", "KD", "--"))
+
+
+def validation_curves(
+    logs: dict[str, dict[str, list[dict]]],
+) -> dict[str, tuple[list[int], list[float], str]]:
+    """The validation lines of the training curves: label -> (steps, values, line style)."""
+    curves = {}
+    for name, log in logs.items():
+        for key, label, style in VALIDATION_KEYS:
+            points = [(r["step"], r[key]) for r in log["eval"] if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points, strict=True)
+                curves[f"{name} {label}"] = (list(steps), list(values), style)
+    return curves
+
+
 def plot_training_curves(logs: dict[str, dict[str, list[dict]]]) -> str | None:
     """Training loss and validation CE/KD against step, one line per model; None if no data."""
     if not any(log["train"] or log["eval"] for log in logs.values()):
@@ -349,10 +367,8 @@ def plot_training_curves(logs: dict[str, dict[str, list[dict]]]) -> str | None:
             train_ax.plot(
                 [r["step"] for r in log["train"]], [r["loss"] for r in log["train"]], label=name
             )
-        for key, style in (("ce", "-"), ("kd", "--")):
-            pts = [(r["step"], r[key]) for r in log["eval"] if r.get(key) is not None]
-            if pts:
-                eval_ax.plot(*zip(*pts, strict=True), style, marker=".", label=f"{name} {key}")
+    for label, (steps, values, style) in validation_curves(logs).items():
+        eval_ax.plot(steps, values, style, marker=".", label=label)
     train_ax.set_ylabel("Training loss")
     eval_ax.set_ylabel("Validation CE / KD (nats/token)")
     for ax in (train_ax, eval_ax):
