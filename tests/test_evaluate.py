@@ -177,6 +177,18 @@ def test_cli_prints_one_line_error_and_exits_2(setup, capsys):
     assert err.startswith("error: --teacher") and err.count("\n") == 1
 
 
+def test_cli_prints_whole_tables_into_a_file_or_pipe(setup, capsys):
+    argv = ["eval", "--teacher", str(setup["teacher"]), "--student", str(setup["small"])]
+    argv += ["--data", str(setup["data"]), "--output", str(setup["root"] / "piped")]
+    argv += ["--max-samples", "2", "--max-new-tokens", "2", "--speed-prompts", "1"]
+    argv += ["--speed-new-tokens", "2", "--no-memory", "--no-model-card"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out  # captured: not a terminal
+    header = next(line for line in out.splitlines() if "Decode tok/s (b=8)" in line)
+    assert "TTFT (ms)" in header and len(header) > 80
+    assert "…" not in out
+
+
 @pytest.mark.slow
 def test_cli_eval_measures_memory_and_prints_tables(setup, capsys):
     out = setup["root"] / "cli-out"

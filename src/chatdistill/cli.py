@@ -191,9 +191,10 @@ def _run_eval(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
     )
-    console = Console(stderr=True)
+    # soft_wrap: a progress line naming a long path stays one line in a log file.
+    console = Console(stderr=True, soft_wrap=True)
     results = evaluate(cfg, say=console.print)
-    print_tables(results, Console())
+    print_tables(results)
     console.print(f"wrote {args.output}/results.json, summary.md, report.html")
 
 

@@ -182,9 +182,20 @@ def text_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), rule, *map(line, rows)])
 
 
+# Wider than any table: a table takes only the width it needs, so this width means "uncut".
+UNCUT_WIDTH = 10_000
+
+
+def table_console() -> Console:
+    """A console on stdout for the tables: the terminal's width, or in a file or pipe (which has
+    no width) no limit, where rich would otherwise cut every table to 80 columns."""
+    console = Console()
+    return console if console.is_terminal else Console(width=UNCUT_WIDTH)
+
+
 def print_tables(results: EvalResult, console: Console | None = None) -> None:
-    """Print the summary tables with rich."""
-    console = console or Console()
+    """Print the summary tables with rich (on `table_console()` unless given a console)."""
+    console = console or table_console()
     for title, note, headers, rows in tables(results):
         t = Table(title=title, caption=note, title_justify="left", caption_justify="left")
         for i, h in enumerate(headers):
