@@ -41,12 +41,21 @@ def setup(tmp_path_factory, tiny_models, tokenizer_dir):
     small = build_tiny_model(root / "small", tokenizer_dir, "llama", seed=1, num_hidden_layers=1)
     twin = root / "twin"  # the teacher under another name: a student that keeps everything
     shutil.copytree(teacher, twin)
+    (twin / "README.md").write_text(TWIN_README)  # as a model from elsewhere brings its own
     data = write_jsonl(root / "test.jsonl", _rows_with_answers(6))
     return {"root": root, "teacher": teacher, "small": small, "twin": twin, "data": data}
 
 
+TWIN_README = "# Twin\n\nWritten by hand; eval must leave it alone.\n"
+
+
 @pytest.fixture(scope="module")
-def run(setup):
+def said() -> list[str]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def run(setup, said):
     cfg = EvalConfig(
         teacher=str(setup["teacher"]),
         students=[str(setup["small"]), str(setup["twin"])],
@@ -54,7 +63,7 @@ def run(setup):
         output=str(setup["root"] / "out"),
         **FAST,
     )
-    return evaluate(cfg)
+    return evaluate(cfg, say=said.append)
 
 
 def _by_name(results: EvalResult) -> dict[str, ModelResult]:
@@ -111,10 +120,17 @@ def test_samples_show_every_models_answer(run):
 
 
 def test_model_card_written_into_each_student(run, setup):
-    for name in ("small", "twin"):
-        card = (setup[name] / "README.md").read_text()
-        assert "## Evaluation" in card and "| KL(teacher‖model) ↓ |" in card
+    for card in (setup["small"] / "README.md", setup["twin"] / "MODEL_CARD.md"):
+        text = card.read_text()
+        assert "## Evaluation" in text and "| KL(teacher‖model) ↓ |" in text
     assert not (setup["teacher"] / "README.md").exists()
+    assert not (setup["small"] / "MODEL_CARD.md").exists()
+
+
+def test_model_card_leaves_a_readme_it_did_not_write(run, setup, said):
+    assert (setup["twin"] / "README.md").read_text() == TWIN_README
+    notice = f"twin: its README.md is not chatdistill's; model card in {setup['twin']}"
+    assert any(line.startswith(notice) for line in said)
 
 
 def test_baseline_turns_kept_into_gap_closed(setup):

@@ -8,6 +8,7 @@ from browser import CHROMIUM, DRIVER, MISSING, headless_chromium
 from chatdistill.config import load_distill_config
 from chatdistill.distill.train import train
 from chatdistill.errors import UserError
+from chatdistill.evaluate.card import write_model_card
 from chatdistill.evaluate.report import (
     headline,
     print_tables,
@@ -17,7 +18,6 @@ from chatdistill.evaluate.report import (
     tables,
     text_table,
     validation_curves,
-    write_model_card,
     write_reports,
 )
 from chatdistill.evaluate.result import (
@@ -227,6 +227,21 @@ def test_model_card_with_results_has_metrics_of_that_student(results):
     assert "| Top-1 agreement % ↑ | – | 81.0 |" in text
     assert "Teacher quality kept: CE 80.0%" in text
     assert "distilled from `" + results.models[0].path in text
+
+
+def test_model_card_rewrites_its_own_readme(tmp_path, results):
+    write_model_card(tmp_path, None, {})
+    again = write_model_card(tmp_path, results, {"teacher": "org/big"})
+    assert again == tmp_path / "README.md" and "distilled from `org/big`" in again.read_text()
+    assert not (tmp_path / "MODEL_CARD.md").exists()
+
+
+def test_model_card_never_overwrites_a_readme_it_did_not_write(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# My model\n\nNotes I wrote by hand.\n")
+    card = write_model_card(tmp_path, None, {"teacher": "org/big"})
+    assert card == tmp_path / "MODEL_CARD.md" and "distilled from `org/big`" in card.read_text()
+    assert readme.read_text() == "# My model\n\nNotes I wrote by hand.\n"
 
 
 def test_model_card_python_snippet_loads_and_chats(tmp_path, tokenizer_dir, capsys):

@@ -127,7 +127,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Score every model on the same test conversations (held-out CE, ROUGE-L, chrF, "
         "answer accuracy, KL and top-1 agreement with the teacher, share of the teacher kept) and "
         "measure its cost; write results.json, summary.md and report.html to --output, and a "
-        "model card (README.md) into each student directory.",
+        "model card into each student directory (README.md; MODEL_CARD.md beside a README.md "
+        "that chatdistill did not write, which is never overwritten).",
     )
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument(
@@ -161,7 +162,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--speed-new-tokens", type=int, default=32, help="tokens per speed probe (default: 32)"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--no-model-card", action="store_true", help="leave student README.md alone")
+    p.add_argument("--no-model-card", action="store_true", help="write no model cards")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.set_defaults(func=_run_eval)

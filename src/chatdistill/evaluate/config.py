@@ -36,7 +36,8 @@ class EvalConfig:
     num_samples: int = 3
     """sample conversations shown side by side"""
     model_cards: bool = True
-    """write README.md into each student directory"""
+    """write a model card into each student directory (README.md unless one not written by
+    chatdistill is there: then MODEL_CARD.md)"""
     device: str | None = None
     dtype: str | None = None
 

@@ -1,5 +1,5 @@
 """Turn evaluation results into things people read: terminal tables, summary.md, a self-contained
-report.html (plots embedded as base64 PNG), and the model card (README.md) of a student.
+report.html (plots embedded as base64 PNG). The model card of a student is `card.py`.
 
 Everything here is a function of the `EvalResult` from `chatdistill.evaluate.run.evaluate` (plus
 the training logs it points to), so a report can be rebuilt from results.json alone
@@ -37,7 +37,7 @@ def _num(x: float | None, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return DASH if x is None else f"{x:.1f}%"
 
 
@@ -62,7 +62,7 @@ def _fidelity(m: ModelResult, key: str) -> float | None:
     return None if m.fidelity is None else getattr(m.fidelity, key)
 
 
-def _kept(m: ModelResult, key: str) -> float | None:
+def kept_value(m: ModelResult, key: str) -> float | None:
     return None if m.kept is None else getattr(m.kept, key)
 
 
@@ -80,7 +80,7 @@ FIDELITY: list[Column] = [
 ]
 KEPT_KEYS = [("ce", "CE"), ("perplexity", "Perplexity"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")]
 KEPT_KEYS.append(("accuracy", "Accuracy"))
-KEPT: list[Column] = [(label, lambda m, k=key: _pct(_kept(m, k))) for key, label in KEPT_KEYS]
+KEPT: list[Column] = [(label, lambda m, k=key: pct(kept_value(m, k))) for key, label in KEPT_KEYS]
 COST: list[Column] = [
     ("Parameters", lambda m: _count(m.cost.parameters)),
     ("Weights on disk (MB)", lambda m: _mb(m.cost.size_on_disk_bytes)),
@@ -163,7 +163,7 @@ def headline(results: EvalResult) -> tuple[list[str], list[list[str]]]:
             _ratio(decode, t_cost.decode_tokens_per_s_batch1),
             _num(quality.ce, 3),
             _num(quality.accuracy, 1),
-            _pct(_kept(m, "accuracy")) if m.role != "teacher" else DASH,
+            pct(kept_value(m, "accuracy")) if m.role != "teacher" else DASH,
         ])  # fmt: skip
     return headers, rows
 
@@ -214,7 +214,7 @@ def _md_cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(map(_md_cell, headers)) + " |"]
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|")
     lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
@@ -237,7 +237,7 @@ def render_markdown(results: EvalResult) -> str:
     """summary.md: the tables and the sample conversations."""
     parts = ["# chatdistill evaluation", "", *[f"- {x}" for x in _meta_lines(results)], ""]
     for title, note, headers, rows in tables(results):
-        parts += [f"## {title}", "", note, "", _md_table(headers, rows), ""]
+        parts += [f"## {title}", "", note, "", md_table(headers, rows), ""]
     if results.samples:
         parts += ["## Sample conversations", ""]
         for i, smp in enumerate(results.samples, 1):
@@ -247,7 +247,7 @@ def render_markdown(results: EvalResult) -> str:
             parts += [f"### Sample {i}", "", f"**User:** {last_user}", ""]
             rows = [["reference", smp.reference or DASH]]
             rows += [[name, text] for name, text in smp.answers.items()]
-            parts += [_md_table(["Model", "Answer"], rows).replace("---:", "---"), ""]
+            parts += [md_table(["Model", "Answer"], rows).replace("---:", "---"), ""]
     parts.append("Plots and full conversations: report.html.")
     return "\n".join(parts) + "\n"
 
@@ -494,114 +494,3 @@ def write_reports(results: EvalResult, output: str | Path) -> dict[str, Path]:
     atomic.write_text(paths["summary"], render_markdown(results))
     atomic.write_text(paths["report"], render_html(results, load_logs(results)))
     return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        elif v is not None:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _card_eval(student: ModelResult, teacher: ModelResult, results: EvalResult) -> list[str]:
-    rows = []
-    for cols in (QUALITY, FIDELITY, COST):
-        for label, f in cols:
-            rows.append([label, f(teacher) if cols is not FIDELITY else DASH, f(student)])
-    kept = ", ".join(
-        f"{label} {_pct(_kept(student, k))}"
-        for k, label in KEPT_KEYS
-        if _kept(student, k) is not None
-    )
-    lines = [
-        "## Evaluation",
-        "",
-        f"On `{results.data.path}` ({results.data.conversations} conversations), "
-        "greedy decoding, measured by `chatdistill eval`.",
-        "",
-        _md_table(["Metric", "Teacher", "This model"], rows).replace("|---|---|", "|---|---:|"),
-        "",
-    ]
-    if kept:
-        lines += [f"Teacher quality kept: {kept}. {kept_note(results)}", ""]
-    return lines
-
-
-def write_model_card(
-    student_dir: str | Path, results: EvalResult | None, recipe_info: dict | None
-) -> Path:
-    """Write README.md into `student_dir`: provenance, recipe, metrics, how to load, chat, serve.
-
-    `results` is the `evaluate` output (or None before evaluation); the student is found in it by
-    path. `recipe_info` is the training recipe (e.g. the resolved distill config as a dict).
-    """
-    d = Path(student_dir)
-    recipe = _flatten(recipe_info or {})
-    entry = teacher = None
-    if results:
-        teacher = results.teacher
-        entry = next((m for m in results.models if Path(m.path).resolve() == d.resolve()), None)
-    teacher_name = recipe.get("teacher") or (teacher.path if teacher else None)
-    data = recipe.get("data.train") or (results.data.path if results else None)
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
-    lines += ["tags:", "- chatdistill", "- distillation", "---", "", f"# {d.name}", ""]
-    lines += [
-        f"A chat model distilled from `{teacher_name or 'an unrecorded teacher'}` "
-        "with chatdistill.",
-        "",
-        "## Training",
-        "",
-        f"- Teacher: `{teacher_name or DASH}`",
-        f"- Data: `{data or DASH}`",
-    ]
-    if recipe:
-        rows = [[k, f"`{v}`"] for k, v in recipe.items() if k not in ("teacher", "data.train")]
-        lines += ["", "Recipe:", "", _md_table(["Setting", "Value"], rows).replace("---:", "---")]
-    lines.append("")
-    if entry and teacher:
-        lines += _card_eval(entry, teacher, results)
-    else:
-        lines += [
-            "## Evaluation",
-            "",
-            "Not evaluated yet: `chatdistill eval --teacher TEACHER --student "
-            f"{d} --data TEST.jsonl --output eval/`.",
-            "",
-        ]
-    lines += [
-        "## Use with transformers",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'path = "{d}"',
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
-        "model = AutoModelForCausalLM.from_pretrained(path)",
-        'messages = [{"role": "user", "content": "Hello! What can you do?"}]',
-        "inputs = tokenizer.apply_chat_template(",
-        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
-        ")",
-        "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
-        'answer = output[0, inputs["input_ids"].shape[1] :]',
-        "print(tokenizer.decode(answer, skip_special_tokens=True))",
-        "```",
-        "",
-        "## Chat and serve",
-        "",
-        "```bash",
-        f"chatdistill chat {d}     # chat in the terminal",
-        f"chatdistill serve {d}    # OpenAI-compatible API (/v1) and a web chat page",
-        "```",
-        "",
-    ]
-    path = d / "README.md"
-    atomic.write_text(path, "\n".join(lines))
-    return path

@@ -25,6 +25,7 @@ import yaml
 from chatdistill.data import load_rows, render_prompt
 from chatdistill.evaluate import report, scores
 from chatdistill.evaluate.answering import answer_all, text_quality
+from chatdistill.evaluate.card import write_model_card
 from chatdistill.evaluate.config import EvalConfig, check_counts, check_inputs
 from chatdistill.evaluate.items import prepare_items, prompt_ids
 from chatdistill.evaluate.loading import (
@@ -206,5 +207,7 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
     if cfg.model_cards:
         for m in models:
             if m.role == "student":
-                report.write_model_card(m.path, results, _recipe(m.path))
+                card = write_model_card(m.path, results, _recipe(m.path))
+                if card.name != "README.md":
+                    say(f"{m.name}: its README.md is not chatdistill's; model card in {card}")
     return results
