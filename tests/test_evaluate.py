@@ -9,9 +9,10 @@ from chatdistill.data import render_example
 from chatdistill.errors import UserError
 from chatdistill.evaluate.config import EvalConfig
 from chatdistill.evaluate.items import prepare_items
-from chatdistill.evaluate.probes import weights_size
+from chatdistill.evaluate.probes import speed_probe, weights_size
 from chatdistill.evaluate.result import EvalResult, ModelResult
 from chatdistill.evaluate.run import evaluate, model_names
+from chatdistill.inference.engine import Completion
 from chatdistill.models.tokenizer import train_bpe_tokenizer
 
 from conftest import build_tiny_model, make_conversations, write_jsonl
@@ -243,3 +244,37 @@ def test_weights_size_counts_only_weight_files(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "tokenizer.json").write_bytes(b"x" * 1000)
     assert weights_size(tmp_path) == 100
+
+
+class ScriptedEngine:
+    """Completions with set timings, as `Engine.generate` measures them. Batch 1: 0.1 s to the
+    first token, 0.05 s per token after it. Batch 8: rows get their first token 0.01 s apart as
+    their prefills finish, then step together, 0.08 s per step, and finish on the same step."""
+
+    def __init__(self) -> None:
+        self.eos_token_ids = {0}
+        self.eos_while_generating: list[set] = []
+
+    def generate(self, prompts, params, batch_size):
+        self.eos_while_generating.append(self.eos_token_ids)
+        n, out = params.max_new_tokens, []
+        for i, p in enumerate(prompts):
+            if batch_size == 1:
+                first, elapsed = 0.1, 0.1 + 0.05 * (n - 1)
+            else:
+                first = 0.2 + 0.01 * i
+                elapsed = 0.2 + 0.01 * (len(prompts) - 1) + 0.08 * (n - 1)
+            out.append(Completion(p, [7] * n, "", "length", first, elapsed))
+        return out
+
+
+def test_speed_probe_rates_come_from_the_runs_own_timings():
+    engine = ScriptedEngine()
+    speed = speed_probe(engine, [[1, 2, 3, 4], [5, 6, 7, 8]], new_tokens=5, repeats=2)
+    assert speed["prefill_tokens_per_s"] == pytest.approx(8 / 0.2)
+    assert speed["time_to_first_token_s"] == pytest.approx(0.1)
+    assert speed["decode_tokens_per_s_batch1"] == pytest.approx(8 / 0.4)
+    # Eight rows decode 4 tokens each in the 4 steps after the last row's first token.
+    assert speed["decode_tokens_per_s_batch8"] == pytest.approx(32 / (4 * 0.08))
+    assert all(eos == set() for eos in engine.eos_while_generating)  # every row decodes n
+    assert engine.eos_token_ids == {0}
