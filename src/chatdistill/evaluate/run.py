@@ -15,7 +15,7 @@ import gc
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from chatdistill.evaluate import report, scores
 from chatdistill.evaluate.answering import answer_all, text_quality
 from chatdistill.evaluate.card import write_model_card
 from chatdistill.evaluate.config import EvalConfig, check_counts, check_inputs
-from chatdistill.evaluate.items import prepare_items, prompt_ids
+from chatdistill.evaluate.items import TestItem, prepare_items, prompt_ids
 from chatdistill.evaluate.loading import (
     check_model_dir,
     check_tokenizers,
@@ -52,7 +52,7 @@ from chatdistill.evaluate.token_scoring import score
 from chatdistill.models.students import count_parameters
 
 LOWER_IS_BETTER = {"ce", "perplexity"}
-QUALITY_KEYS = ("ce", "perplexity", "rouge_l", "chrf", "accuracy")
+QUALITY_KEYS = tuple(f.name for f in fields(Quality))
 
 
 def model_names(paths: list[str]) -> list[str]:
@@ -117,6 +117,31 @@ def _kept(student: Quality, teacher: Quality, baseline: Quality | None) -> Kept:
     return Kept(**out)
 
 
+def _measure_memory(models: list[ModelResult], items: list[TestItem], cfg: EvalConfig) -> str:
+    """Fill in each model's peak memory while answering the first batch of prompts; return how
+    it was measured (see MEMORY_METHODS)."""
+    probes = []
+    for m in models:
+        tok = load_tokenizer(m.path)
+        ids = [render_prompt(tok, it.prompt) for it in items[: cfg.batch_size]]
+        probes.append((m.path, ids))
+    # One fresh process per model; they share nothing, so run as many at once as there are
+    # cores (their start-up, mostly importing torch, is most of the time).
+    with ThreadPoolExecutor(max_workers=max(1, min(len(probes), os.cpu_count() or 1))) as pool:
+        measured = list(pool.map(lambda probe: memory_probe(*probe, cfg), probes))
+    for m, (peak, _) in zip(models, measured, strict=True):
+        m.cost.peak_memory_mb = peak
+    return MEMORY_METHODS[measured[-1][1]]
+
+
+def _training_logs(models: list[ModelResult], extra: list[str]) -> dict[str, str]:
+    """Each model directory's trainer log where there is one, plus the extra logs asked for."""
+    logs = {m.name: str(Path(m.path) / "metrics.jsonl") for m in models}
+    logs = {n: p for n, p in logs.items() if Path(p).is_file()}
+    logs.update({Path(p).parent.name or p: str(p) for p in extra})
+    return logs
+
+
 def _recipe(student_dir: str) -> dict:
     """The trainer's resolved recipe saved beside the student, if there is one."""
     p = Path(student_dir) / "chatdistill_config.yaml"
@@ -164,26 +189,13 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
     method = "not measured (--no-memory)"
     if cfg.memory:
         say(f"measuring peak memory of {', '.join(m.name for m in models)} ...")
-        probes = []
-        for m in models:
-            tok = load_tokenizer(m.path)
-            ids = [render_prompt(tok, it.prompt) for it in items[: cfg.batch_size]]
-            probes.append((m.path, ids))
-        # One fresh process per model; they share nothing, so run as many at once as there are
-        # cores (their start-up, mostly importing torch, is most of the time).
-        with ThreadPoolExecutor(max_workers=max(1, min(len(probes), os.cpu_count() or 1))) as pool:
-            measured = list(pool.map(lambda probe: memory_probe(*probe, cfg), probes))
-        for m, (peak, key) in zip(models, measured, strict=True):
-            m.cost.peak_memory_mb, method = peak, MEMORY_METHODS[key]
+        method = _measure_memory(models, items, cfg)
 
     baseline = next((m.quality for m in models if m.role == "baseline"), None)
     for m in models:
         if m.role == "student":
             m.kept = _kept(m.quality, models[0].quality, baseline)
 
-    logs = {m.name: str(Path(m.path) / "metrics.jsonl") for m in models}
-    logs = {n: p for n, p in logs.items() if Path(p).is_file()}
-    logs.update({Path(p).parent.name or p: str(p) for p in cfg.metrics_jsonl})
     samples = [
         Sample(it.prompt, it.reference, {n: a[i] for n, a in answers.items()})
         for i, it in enumerate(items[: cfg.num_samples])
@@ -201,7 +213,7 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
         kept_mode="gap_closed" if cfg.baseline else "ratio",
         models=models,
         samples=samples,
-        training_logs=logs,
+        training_logs=_training_logs(models, cfg.metrics_jsonl),
     )
     report.write_reports(results, cfg.output)
     if cfg.model_cards:
