@@ -20,7 +20,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from chatdistill.data import IGNORE, collate, render_example, render_prompt
-from chatdistill.demo.data import demo_asset_dir, facts_missing, labelled_subset, load_demo_split
+from chatdistill.demo.build import facts_missing
+from chatdistill.demo.data import demo_asset_dir, labelled_subset, load_demo_split
 from chatdistill.evaluate.scores import answer_accuracy
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from chatdistill.config import load_distill_config
 from chatdistill.demo.run import DemoConfig, kd_recipe, prepare_kd_inputs
 from chatdistill.distill.train import train
-from chatdistill.evaluate.run import EvalConfig, evaluate
+from chatdistill.evaluate.config import EvalConfig
+from chatdistill.evaluate.run import evaluate
 
 RECIPES = {
     "offpolicy_t2": {"temperature": 2.0, "ce_weight": 0.5},
@@ -87,8 +88,8 @@ def main() -> None:
             model_cards=False,
         )
     )
-    by_name = {Path(m["path"]).name: m["quality"] for m in results["models"][1:]}
-    t = results["models"][0]["quality"]
+    by_name = {Path(m.path).name: dataclasses.asdict(m.quality) for m in results.models[1:]}
+    t = dataclasses.asdict(results.teacher.quality)
     print(f"\nteacher: accuracy {t['accuracy']:.1f}%, held-out CE {t['ce']:.3f}")
     print(
         f"{'recipe':14} {'accuracy %':>10} {'kept %':>7} {'CE':>7} {'train s':>8} {'vs seqkd':>9}"

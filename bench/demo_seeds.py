@@ -11,9 +11,11 @@ beats baseline (a) by more than the seed spread. Writes bench/results/demo_seeds
 import argparse
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 from chatdistill.demo.run import DemoConfig, run_demo
+from chatdistill.evaluate.result import EvalResult
 
 ROLES = {
     "teacher": "teacher",
@@ -23,11 +25,11 @@ ROLES = {
 }
 
 
-def _by_name(results: dict) -> dict[str, dict]:
+def _by_name(results: EvalResult) -> dict[str, dict]:
     out = {}
-    for m in results["models"]:
-        key = "teacher" if m["role"] == "teacher" else Path(m["path"]).name
-        out[key] = m["quality"]
+    for m in results.models:
+        key = "teacher" if m.role == "teacher" else Path(m.path).name
+        out[key] = asdict(m.quality)
     return out
 
 

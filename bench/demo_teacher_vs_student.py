@@ -23,15 +23,11 @@ from pathlib import Path
 
 from chatdistill.data import load_rows
 from chatdistill.demo.data import demo_asset_dir
-from chatdistill.evaluate.run import (
-    EvalConfig,
-    answer_all,
-    pad_id,
-    prepare_items,
-    score,
-    text_quality,
-)
+from chatdistill.evaluate.answering import answer_all, text_quality
+from chatdistill.evaluate.config import EvalConfig
+from chatdistill.evaluate.items import prepare_items
 from chatdistill.evaluate.scores import answer_correct
+from chatdistill.evaluate.token_scoring import score
 from chatdistill.inference.engine import Engine
 
 SPLITS = ("validation", "test")
@@ -68,7 +64,7 @@ def split_scores(engine: Engine, split: str) -> dict[str, float]:
     examples = [it.example for it in items if it.example is not None]
     return {
         "accuracy": text_quality(answers, items)["accuracy"],
-        "ce": score(engine.model, examples, 32, pad_id(engine.tokenizer)).ce,
+        "ce": score(engine.model, examples, 32, engine.tokenizer.pad_token_id).ce,
         "wordings": sum(2 * right[w] >= asked[w] for w in asked),
         "wordings_of": len(asked),
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from chatdistill.demo.data import DEMO_SEED, write_demo_assets  # noqa: E402
+from chatdistill.demo.build import DEMO_SEED, write_demo_assets  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "chatdistill" / "assets" / "demo"
 

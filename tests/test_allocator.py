@@ -37,16 +37,24 @@ def _probe(mode: str, **env: str) -> tuple[str, int]:
     return applied, int(faults)
 
 
+# Fault counts are compared with each other, never with a fixed number: how many faults a step
+# takes depends on the page size and transparent huge pages, not on this code.
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_blocks_are_reused_without_page_faults():
     applied, faults_on = _probe("on")
     _, faults_off = _probe("off")
     assert applied == "True"
-    assert faults_off > 50_000  # glibc maps fresh (faulting, zeroed) pages on every step
+    # Without it glibc maps fresh (faulting, zeroed) pages on every step.
     assert faults_on < faults_off / 4
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_the_users_own_malloc_settings_win():
-    applied, faults = _probe("on", MALLOC_TRIM_THRESHOLD_="131072")
-    assert applied == "False" and faults > 50_000
+    applied, faults_user = _probe("on", MALLOC_TRIM_THRESHOLD_="131072")
+    _, faults_on = _probe("on")
+    assert applied == "False"
+    # The user's setting is in force, not ours: their small trim threshold hands freed memory
+    # back, so the steps fault again.
+    assert faults_user > 4 * faults_on

@@ -1,6 +1,8 @@
 """The bundled demo data: generator, KB consistency, split design, chatterbot conversion, shipped
 files and tokenizer."""
 
+import subprocess
+import sys
 from collections import Counter
 from itertools import combinations
 
@@ -8,17 +10,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from chatdistill.data import load_rows, render_example
+from chatdistill.demo.build import FACTS, facts_missing, write_demo_assets
 from chatdistill.demo.chatterbot import convert_chatterbot
-from chatdistill.demo.data import (
-    FACTS,
-    build_support_data,
-    demo_asset_dir,
-    facts_missing,
-    labelled_subset,
-    load_demo_split,
-    write_demo_assets,
-)
+from chatdistill.demo.data import demo_asset_dir, labelled_subset, load_demo_split
 from chatdistill.demo.questions import FOLLOW_UPS, QUESTIONS
+from chatdistill.demo.support import build_support_data
 from chatdistill.errors import UserError
 from chatdistill.evaluate.scores import answer_correct
 
@@ -191,3 +187,13 @@ def test_unknown_split_name_and_bad_labelled_fraction_are_user_errors():
         load_demo_split("dev")
     with pytest.raises(UserError, match="outside"):
         labelled_subset([{"messages": []}], 0.0, seed=0)
+
+
+def test_reading_shipped_data_runs_no_generator():
+    code = (
+        "import sys; from chatdistill.demo.data import load_demo_split; "
+        "load_demo_split('test'); load_demo_split('prompts'); "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('chatdistill.demo'))))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["chatdistill.demo", "chatdistill.demo.data"]

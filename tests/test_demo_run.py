@@ -30,7 +30,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     lines: list[str] = []
     results = run_demo(cfg, say=lines.append)
     out = tmp_path / "demo"
-    names = [m["role"] for m in results["models"]]
+    names = [m.role for m in results.models]
     assert names.count("teacher") == 1 and names.count("student") == 3
     for d in ("kd_student", "baseline_sft_labelled", "baseline_sft_all"):
         assert (out / d / "model.safetensors").is_file()
@@ -108,7 +108,7 @@ def test_interrupted_demo_continues_on_rerun(tmp_path, tiny_teacher, monkeypatch
     assert "resumed from" in capsys.readouterr().out and _done_files(kd)
     steps = [json.loads(x)["step"] for x in (kd / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 3
-    assert len(results["models"]) == 4
+    assert len(results.models) == 4
 
 
 def _done_files(model_dir):

@@ -77,6 +77,29 @@ def test_distill_a_two_layer_student_cut_from_the_gguf(smol, rows_file, tmp_path
     assert "Q4_1" in recipe and resolve(smol).gguf["sha256"] in recipe
 
 
+def test_eval_scores_the_gguf_teacher_against_a_student_cut_from_it(
+    smol, rows_file, tmp_path, capsys
+):
+    student = tmp_path / "student"
+    code, err = _cli(
+        capsys, "distill", "--teacher", smol, "--student-num-layers", "2", "--data",
+        str(rows_file), "--max-steps", "1", "--output", str(student),
+        "--set", "train.batch_size=2", "--set", "data.max_length=48",
+        "--set", "train.eval_every=0", "--set", "train.save_every=0",
+    )  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "eval"
+    code, err = _cli(
+        capsys, "eval", "--teacher", smol, "--student", str(student), "--data", str(rows_file),
+        "--output", str(out), "--max-samples", "3", "--max-new-tokens", "8", "--no-memory",
+        "--speed-prompts", "1", "--speed-new-tokens", "4",
+    )  # fmt: skip
+    assert code == 0, err
+    teacher = json.loads((out / "results.json").read_text())["models"][0]
+    assert teacher["source"]["quantization"] == "Q4_1" and teacher["cost"]["parameters"] > 1e8
+    assert "GGUF Q4_1, sha256" in (student / "README.md").read_text()
+
+
 def test_cache_teacher_at_the_49k_vocabulary(smol, rows_file, tmp_path, capsys):
     out = tmp_path / "cache"
     code, err = _cli(

@@ -5,6 +5,10 @@ import re
 import pytest
 from browser import CHROMIUM, DRIVER, MISSING, headless_chromium
 
+from chatdistill.config import load_distill_config
+from chatdistill.distill.train import train
+from chatdistill.errors import UserError
+from chatdistill.evaluate.card import write_model_card
 from chatdistill.evaluate.report import (
     headline,
     print_tables,
@@ -13,37 +17,42 @@ from chatdistill.evaluate.report import (
     render_markdown,
     tables,
     text_table,
-    write_model_card,
+    validation_curves,
     write_reports,
+)
+from chatdistill.evaluate.result import (
+    Cost,
+    DataSummary,
+    EvalResult,
+    Fidelity,
+    Kept,
+    ModelResult,
+    Quality,
+    Sample,
+    Settings,
 )
 
 from conftest import build_tiny_model
 
 
-def _model(name, role, path, ce, rouge, kept=None, fidelity=None, params=1000):
-    return {
-        "name": name,
-        "role": role,
-        "path": str(path),
-        "quality": {
-            "ce": ce,
-            "perplexity": 2.718**ce,
-            "rouge_l": rouge,
-            "chrf": rouge + 5,
-            "accuracy": None,
-        },
-        "fidelity": fidelity,
-        "kept": kept,
-        "cost": {
-            "parameters": params,
-            "size_on_disk_bytes": params * 4,
-            "peak_memory_mb": params / 100,
-            "prefill_tokens_per_s": 900.0,
-            "decode_tokens_per_s_batch1": 80.0,
-            "decode_tokens_per_s_batch8": 400.0,
-            "time_to_first_token_s": 0.012,
-        },
-    }
+def _model(name, role, path, ce, rouge, kept=None, fidelity=None, params=1000) -> ModelResult:
+    return ModelResult(
+        name=name,
+        role=role,
+        path=str(path),
+        quality=Quality(ce=ce, perplexity=2.718**ce, rouge_l=rouge, chrf=rouge + 5, accuracy=None),
+        fidelity=fidelity,
+        kept=kept,
+        cost=Cost(
+            parameters=params,
+            size_on_disk_bytes=params * 4,
+            peak_memory_mb=params / 100,
+            prefill_tokens_per_s=900.0,
+            decode_tokens_per_s_batch1=80.0,
+            decode_tokens_per_s_batch8=400.0,
+            time_to_first_token_s=0.012,
+        ),
+    )
 
 
 @pytest.fixture
@@ -53,41 +62,45 @@ def results(tmp_path):
     log.write_text(
         '{"step": 10, "loss": 2.3, "lr": 0.001, "tokens_per_s": 500}\n'
         '{"step": 20, "loss": 1.9, "lr": 0.001, "tokens_per_s": 510}\n'
-        '{"step": 20, "split": "val", "ce": 2.0, "kd": 0.4}\n'
+        '{"step": 20, "split": "val", "val_ce": 2.0, "val_ppl": 7.39, "val_kd": 0.4}\n'
         '{"step": 30, "lo'  # a line still being written
     )
-    fid = {"kl": 0.1234, "top1_agreement": 81.0, "rouge_l_vs_teacher": 64.0}
-    kept = {"ce": 80.0, "perplexity": 70.0, "rouge_l": 90.0, "chrf": 91.0, "accuracy": None}
-    return {
-        "schema": "chatdistill.eval/1",
-        "created": "2025-01-01T00:00:00+00:00",
-        "data": {
-            "path": "test.jsonl",
-            "conversations": 2,
-            "scored_tokens": 40,
-            "with_reference": 2,
-            "with_answer": 0,
-        },
-        "settings": {"max_new_tokens": 16, "device": "cpu", "memory_method": "rss-hwm"},
-        "kept_mode": "ratio",
-        "models": [
+    fid = Fidelity(kl=0.1234, top1_agreement=81.0, rouge_l_vs_teacher=64.0)
+    kept = Kept(ce=80.0, perplexity=70.0, rouge_l=90.0, chrf=91.0, accuracy=None)
+    settings = Settings(
+        teacher=str(tmp_path / "big"),
+        students=[str(tmp_path / "student")],
+        data="test.jsonl",
+        output=str(tmp_path / "out"),
+        max_new_tokens=16,
+        device="cpu",
+        memory_method="rss-hwm",
+    )
+    return EvalResult(
+        created="2025-01-01T00:00:00+00:00",
+        data=DataSummary(
+            path="test.jsonl", conversations=2, scored_tokens=40, with_reference=2, with_answer=0
+        ),
+        settings=settings,
+        kept_mode="ratio",
+        models=[
             _model("big", "teacher", tmp_path / "big", 2.0, 50.0, params=2_000_000),
             _model("student", "student", tmp_path / "student", 2.5, 45.0, kept, fid, 500_000),
         ],
-        "samples": [
-            {
-                "messages": [{"role": "user", "content": "Wie teuer ist der Wasserkocher?"}],
-                "reference": "Er kostet 12 Euro.",
-                "answers": {"big": "Er kostet 12 Euro.", "student": "<b>12</b> | Euro"},
-            }
+        samples=[
+            Sample(
+                messages=[{"role": "user", "content": "Wie teuer ist der Wasserkocher?"}],
+                reference="Er kostet 12 Euro.",
+                answers={"big": "Er kostet 12 Euro.", "student": "<b>12</b> | Euro"},
+            )
         ],
-        "training_logs": {"student": str(log)},
-    }
+        training_logs={"student": str(log)},
+    )
 
 
 def test_headline_puts_size_and_speed_against_the_teacher(results):
-    results["models"][1]["cost"]["decode_tokens_per_s_batch1"] = 200.0
-    results["models"][1]["kept"]["accuracy"] = 97.25
+    results.models[1].cost.decode_tokens_per_s_batch1 = 200.0
+    results.models[1].kept.accuracy = 97.25
     headers, rows = headline(results)
     by_name = {r[0]: dict(zip(headers, r, strict=True)) for r in rows}
     assert by_name["big"]["params"] == "2.00M 1.00x" and by_name["big"]["kept"] == "–"
@@ -117,7 +130,7 @@ def test_tables_cover_quality_fidelity_kept_and_cost(results):
 
 
 def test_kept_note_describes_gap_closed_with_a_baseline(results):
-    results["kept_mode"] = "gap_closed"
+    results.kept_mode = "gap_closed"
     assert "(student − baseline) / (teacher − baseline)" in tables(results)[2][1]
 
 
@@ -130,13 +143,44 @@ def test_markdown_summary_has_tables_and_escaped_sample(results):
 
 
 def test_training_log_splits_train_and_eval_and_skips_partial_lines(results):
-    log = read_training_log(results["training_logs"]["student"])
+    log = read_training_log(results.training_logs["student"])
     assert [r["step"] for r in log["train"]] == [10, 20]
-    assert log["eval"] == [{"step": 20, "split": "val", "ce": 2.0, "kd": 0.4}]
+    assert [(r["step"], r["split"], r["val_ce"]) for r in log["eval"]] == [(20, "val", 2.0)]
+
+
+@pytest.fixture(scope="module")
+def trained_log(tmp_path_factory, tiny_models, chat_file):
+    """metrics.jsonl of a real four-step distillation, validated every two steps."""
+    out = tmp_path_factory.mktemp("trained") / "student"
+    overrides = {
+        "teacher": str(tiny_models["llama"]),
+        "student_num_layers": 1,
+        "data.train": str(chat_file),
+        "output": str(out),
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.eval_every": 2,
+        "train.save_every": 0,
+        "train.warmup_steps": 1,
+    }
+    return train(load_distill_config(None, overrides)) / "metrics.jsonl"
+
+
+def test_validation_curves_read_what_the_trainer_writes(trained_log):
+    curves = validation_curves({"kd": read_training_log(trained_log)})
+    assert set(curves) == {"kd CE", "kd KD"}
+    steps, values, _ = curves["kd CE"]
+    assert steps == [2, 4] and all(v > 0 for v in values)
+    assert curves["kd KD"][0] == [2, 4]
+
+
+def test_validation_curves_from_the_fixture_log(results):
+    curves = validation_curves({"student": read_training_log(results.training_logs["student"])})
+    assert curves == {"student CE": ([20], [2.0], "-"), "student KD": ([20], [0.4], "--")}
 
 
 def test_html_embeds_png_plots_and_escapes_text(results):
-    page = render_html(results, {"student": read_training_log(results["training_logs"]["student"])})
+    page = render_html(results, {"student": read_training_log(results.training_logs["student"])})
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 3  # quality vs size, speed, training curves
     assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
@@ -152,7 +196,7 @@ def test_html_leaves_out_training_curves_without_logs(results):
 
 def test_write_reports_writes_three_files(results, tmp_path):
     paths = write_reports(results, tmp_path / "out")
-    assert json.loads(paths["results"].read_text()) == results
+    assert EvalResult.from_json(json.loads(paths["results"].read_text())) == results
     assert paths["summary"].read_text().startswith("# chatdistill evaluation")
     assert paths["report"].read_text().count("data:image/png") == 3
 
@@ -177,12 +221,27 @@ def test_model_card_without_results_says_how_to_evaluate(tmp_path):
 
 
 def test_model_card_with_results_has_metrics_of_that_student(results):
-    student_dir = results["models"][1]["path"]
+    student_dir = results.models[1].path
     text = write_model_card(student_dir, results, {}).read_text()
     assert "| CE (nats/tok) ↓ | 2.000 | 2.500 |" in text
     assert "| Top-1 agreement % ↑ | – | 81.0 |" in text
     assert "Teacher quality kept: CE 80.0%" in text
-    assert "distilled from `" + results["models"][0]["path"] in text
+    assert "distilled from `" + results.models[0].path in text
+
+
+def test_model_card_rewrites_its_own_readme(tmp_path, results):
+    write_model_card(tmp_path, None, {})
+    again = write_model_card(tmp_path, results, {"teacher": "org/big"})
+    assert again == tmp_path / "README.md" and "distilled from `org/big`" in again.read_text()
+    assert not (tmp_path / "MODEL_CARD.md").exists()
+
+
+def test_model_card_never_overwrites_a_readme_it_did_not_write(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# My model\n\nNotes I wrote by hand.\n")
+    card = write_model_card(tmp_path, None, {"teacher": "org/big"})
+    assert card == tmp_path / "MODEL_CARD.md" and "distilled from `org/big`" in card.read_text()
+    assert readme.read_text() == "# My model\n\nNotes I wrote by hand.\n"
 
 
 def test_model_card_python_snippet_loads_and_chats(tmp_path, tokenizer_dir, capsys):
@@ -220,3 +279,33 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         driver.quit()
+
+
+def test_results_json_keeps_the_format_readers_know(results, tmp_path):
+    written = json.loads(write_reports(results, tmp_path / "out")["results"].read_text())
+    assert list(written) == [
+        "schema", "created", "data", "settings", "kept_mode", "models", "samples", "training_logs"
+    ]  # fmt: skip
+    student = written["models"][1]
+    assert list(student) == [
+        "name",
+        "role",
+        "path",
+        "quality",
+        "fidelity",
+        "cost",
+        "kept",
+        "source",
+    ]
+    assert written["schema"] == "chatdistill.eval/1"
+    assert student["quality"]["ce"] == 2.5 and student["fidelity"]["kl"] == 0.1234
+    assert student["cost"]["decode_tokens_per_s_batch8"] == 400.0
+    assert student["kept"]["accuracy"] is None and written["models"][0]["kept"] is None
+    assert written["settings"]["memory_method"] == "rss-hwm"
+    assert written["samples"][0]["answers"]["student"] == "<b>12</b> | Euro"
+
+
+def test_results_of_another_format_are_refused(results):
+    other = {**results.to_json(), "schema": "someone.else/2"}
+    with pytest.raises(UserError, match="results schema 'someone.else/2'"):
+        EvalResult.from_json(other)

@@ -144,7 +144,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Score every model on the same test conversations (held-out CE, ROUGE-L, chrF, "
         "answer accuracy, KL and top-1 agreement with the teacher, share of the teacher kept) and "
         "measure its cost; write results.json, summary.md and report.html to --output, and a "
-        "model card (README.md) into each student directory.",
+        "model card into each student directory (README.md; MODEL_CARD.md beside a README.md "
+        "that chatdistill did not write, which is never overwritten).",
     )
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument(
@@ -178,7 +179,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--speed-new-tokens", type=int, default=32, help="tokens per speed probe (default: 32)"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--no-model-card", action="store_true", help="leave student README.md alone")
+    p.add_argument("--no-model-card", action="store_true", help="write no model cards")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.set_defaults(func=_run_eval)
@@ -187,8 +188,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from chatdistill.evaluate.config import EvalConfig
     from chatdistill.evaluate.report import print_tables
-    from chatdistill.evaluate.run import EvalConfig, evaluate
+    from chatdistill.evaluate.run import evaluate
 
     cfg = EvalConfig(
         teacher=args.teacher,
@@ -207,9 +209,10 @@ def _run_eval(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
     )
-    console = Console(stderr=True)
+    # soft_wrap: a progress line naming a long path stays one line in a log file.
+    console = Console(stderr=True, soft_wrap=True)
     results = evaluate(cfg, say=console.print)
-    print_tables(results, Console())
+    print_tables(results)
     console.print(f"wrote {args.output}/results.json, summary.md, report.html")
 
 

@@ -1,5 +1,6 @@
 """The bundled demo: a fictional shop's support desk plus multilingual small talk.
 
-`chatdistill.demo.data` builds and reads the shipped data; `kb` holds the facts every support
-answer states; `questions` holds how customers ask.
+`data` reads the shipped data at run time; `build` generates and writes it (build time only), from
+`support` and `chatterbot`; `kb` holds the facts every support answer states; `questions` holds
+how customers ask.
 """

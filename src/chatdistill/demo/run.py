@@ -25,6 +25,10 @@ from chatdistill import atomic
 from chatdistill.data import load_rows, render_prompt
 from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, to_prompts
 from chatdistill.errors import UserError
+from chatdistill.evaluate.config import EvalConfig
+from chatdistill.evaluate.report import headline, text_table
+from chatdistill.evaluate.result import EvalResult
+from chatdistill.evaluate.run import evaluate
 
 # 0.24x the teacher's parameters in one layer of the teacher's width: at batch 1 on a CPU a decode
 # step of a model this small is mostly per-layer and per-call work, so one layer decodes 4-6x
@@ -185,7 +189,7 @@ def _common(cfg: DemoConfig, paths: dict, student_config: Path, teacher: Path) -
     }
 
 
-def run_demo(cfg: DemoConfig, say=print) -> dict:
+def run_demo(cfg: DemoConfig, say=print) -> EvalResult:
     """Run every stage (reusing finished ones); return the evaluation results. Stage lines are
     stamped with the time since the start."""
     started = time.monotonic()
@@ -265,10 +269,8 @@ def kd_recipe(cfg: DemoConfig, inputs: KDInputs) -> dict:
             "loss.temperature": cfg.temperature, "loss.ce_weight": cfg.ce_weight}  # fmt: skip
 
 
-def summary(results: dict) -> str:
+def summary(results: EvalResult) -> str:
     """The side-by-side table the demo ends with, and what its columns mean."""
-    from chatdistill.evaluate.report import headline, text_table
-
     return (
         text_table(*headline(results))
         + "\nparams and speed (decode tokens/s at batch 1) as a multiple of the teacher's; "
@@ -279,9 +281,7 @@ def summary(results: dict) -> str:
     )
 
 
-def _run(cfg: DemoConfig, say) -> dict:
-    from chatdistill.evaluate.run import EvalConfig, evaluate
-
+def _run(cfg: DemoConfig, say) -> EvalResult:
     inputs = prepare_kd_inputs(cfg, say)
     out, paths, common, teacher = Path(cfg.output), inputs.paths, inputs.common, inputs.teacher
     kd = _train("kd_student", out, kd_recipe(cfg, inputs), say)

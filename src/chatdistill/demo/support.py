@@ -13,10 +13,10 @@ Design (why the demo can show what distillation buys):
 import random
 import re
 
+from chatdistill.demo.data import SPLITS
 from chatdistill.demo.kb import INTENT_SLOTS, SLOT_VALUES, SYSTEM_PROMPT, Fact, all_facts, fact
 from chatdistill.demo.questions import CLOSERS, FOLLOW_UPS, OPENERS, QUESTIONS, FollowUp
 
-SPLITS = ("train", "validation", "test")
 SUPPORT_SIZES = {"train": 2000, "validation": 200, "test": 300}
 # Wordings per intent (and per follow-up kind) held out for validation and test.
 HELD_OUT = {"questions": (2, 3), "follow_ups": (1, 2)}

@@ -1,8 +1,9 @@
 """Turn evaluation results into things people read: terminal tables, summary.md, a self-contained
-report.html (plots embedded as base64 PNG), and the model card (README.md) of a student.
+report.html (plots embedded as base64 PNG). The model card of a student is `card.py`.
 
-Everything here is a function of the results dict from `chatdistill.evaluate.run.evaluate` (plus the
-training logs it points to), so a report can be rebuilt from results.json alone.
+Everything here is a function of the `EvalResult` from `chatdistill.evaluate.run.evaluate` (plus
+the training logs it points to), so a report can be rebuilt from results.json alone
+(`EvalResult.from_json`).
 """
 
 import base64
@@ -14,7 +15,14 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+from rich.console import Console
+from rich.table import Table
+
 from chatdistill import atomic
+from chatdistill.evaluate.result import EvalResult, ModelResult, Sample
 
 # ---------------------------------------------------------------------------------------------
 # Formatting and table definitions shared by the terminal, Markdown and HTML
@@ -29,7 +37,7 @@ def _num(x: float | None, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return DASH if x is None else f"{x:.1f}%"
 
 
@@ -47,33 +55,40 @@ def _mb(n_bytes: float | None) -> str:
     return DASH if n_bytes is None else f"{n_bytes / 2**20:,.1f}"
 
 
-Column = tuple[str, Callable[[dict], str]]
+Column = tuple[str, Callable[[ModelResult], str]]
+
+
+def _fidelity(m: ModelResult, key: str) -> float | None:
+    return None if m.fidelity is None else getattr(m.fidelity, key)
+
+
+def kept_value(m: ModelResult, key: str) -> float | None:
+    return None if m.kept is None else getattr(m.kept, key)
+
 
 QUALITY: list[Column] = [
-    ("CE (nats/tok) ↓", lambda m: _num(m["quality"]["ce"], 3)),
-    ("Perplexity ↓", lambda m: _num(m["quality"]["perplexity"])),
-    ("ROUGE-L ↑", lambda m: _num(m["quality"]["rouge_l"], 1)),
-    ("chrF ↑", lambda m: _num(m["quality"]["chrf"], 1)),
-    ("Accuracy % ↑", lambda m: _num(m["quality"]["accuracy"], 1)),
+    ("CE (nats/tok) ↓", lambda m: _num(m.quality.ce, 3)),
+    ("Perplexity ↓", lambda m: _num(m.quality.perplexity)),
+    ("ROUGE-L ↑", lambda m: _num(m.quality.rouge_l, 1)),
+    ("chrF ↑", lambda m: _num(m.quality.chrf, 1)),
+    ("Accuracy % ↑", lambda m: _num(m.quality.accuracy, 1)),
 ]
 FIDELITY: list[Column] = [
-    ("KL(teacher‖model) ↓", lambda m: _num((m["fidelity"] or {}).get("kl"), 4)),
-    ("Top-1 agreement % ↑", lambda m: _num((m["fidelity"] or {}).get("top1_agreement"), 1)),
-    ("ROUGE-L vs teacher ↑", lambda m: _num((m["fidelity"] or {}).get("rouge_l_vs_teacher"), 1)),
+    ("KL(teacher‖model) ↓", lambda m: _num(_fidelity(m, "kl"), 4)),
+    ("Top-1 agreement % ↑", lambda m: _num(_fidelity(m, "top1_agreement"), 1)),
+    ("ROUGE-L vs teacher ↑", lambda m: _num(_fidelity(m, "rouge_l_vs_teacher"), 1)),
 ]
 KEPT_KEYS = [("ce", "CE"), ("perplexity", "Perplexity"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")]
 KEPT_KEYS.append(("accuracy", "Accuracy"))
-KEPT: list[Column] = [
-    (label, lambda m, k=key: _pct((m["kept"] or {}).get(k))) for key, label in KEPT_KEYS
-]
+KEPT: list[Column] = [(label, lambda m, k=key: pct(kept_value(m, k))) for key, label in KEPT_KEYS]
 COST: list[Column] = [
-    ("Parameters", lambda m: _count(m["cost"]["parameters"])),
-    ("Weights on disk (MB)", lambda m: _mb(m["cost"]["size_on_disk_bytes"])),
-    ("Peak memory (MB)", lambda m: _num(m["cost"]["peak_memory_mb"], 1)),
-    ("Prefill tok/s", lambda m: _num(m["cost"]["prefill_tokens_per_s"], 0)),
-    ("Decode tok/s (b=1)", lambda m: _num(m["cost"]["decode_tokens_per_s_batch1"], 1)),
-    ("Decode tok/s (b=8)", lambda m: _num(m["cost"]["decode_tokens_per_s_batch8"], 1)),
-    ("TTFT (ms)", lambda m: _num(_ms(m["cost"]["time_to_first_token_s"]), 1)),
+    ("Parameters", lambda m: _count(m.cost.parameters)),
+    ("Weights on disk (MB)", lambda m: _mb(m.cost.size_on_disk_bytes)),
+    ("Peak memory (MB)", lambda m: _num(m.cost.peak_memory_mb, 1)),
+    ("Prefill tok/s", lambda m: _num(m.cost.prefill_tokens_per_s, 0)),
+    ("Decode tok/s (b=1)", lambda m: _num(m.cost.decode_tokens_per_s_batch1, 1)),
+    ("Decode tok/s (b=8)", lambda m: _num(m.cost.decode_tokens_per_s_batch8, 1)),
+    ("TTFT (ms)", lambda m: _num(_ms(m.cost.time_to_first_token_s), 1)),
 ]
 
 
@@ -81,8 +96,8 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1000.0 * seconds
 
 
-def kept_note(results: dict) -> str:
-    if results["kept_mode"] == "gap_closed":
+def kept_note(results: EvalResult) -> str:
+    if results.kept_mode == "gap_closed":
         return (
             "Share of the baseline-to-teacher gap each student closes: "
             "(student − baseline) / (teacher − baseline); 100% = as good as the teacher."
@@ -93,20 +108,20 @@ def kept_note(results: dict) -> str:
     )
 
 
-def tables(results: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
+def tables(results: EvalResult) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, note, headers, rows) for each summary table; cells are formatted strings."""
-    models = results["models"]
-    others = [m for m in models if m["role"] != "teacher"]
-    students = [m for m in models if m["kept"] is not None]
+    models = results.models
+    others = [m for m in models if m.role != "teacher"]
+    students = [m for m in models if m.kept is not None]
 
-    def build(cols: list[Column], ms: list[dict]) -> tuple[list[str], list[list[str]]]:
+    def build(cols: list[Column], ms: list[ModelResult]) -> tuple[list[str], list[list[str]]]:
         return ["Model", "Role"] + [c[0] for c in cols], [
-            [m["name"], m["role"]] + [f(m) for _, f in cols] for m in ms
+            [m.name, m.role] + [f(m) for _, f in cols] for m in ms
         ]
 
     quality_note = "Against the reference answers. " + (
         "Accuracy: normalised answer string contained in the model's answer."
-        if results["data"]["with_answer"]
+        if results.data.with_answer
         else "No row carries an `answer` field, so accuracy is not measured."
     )
     out = [("Quality", quality_note, *build(QUALITY, models))]
@@ -120,7 +135,7 @@ def tables(results: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
         )
     if students:
         out.append(("Teacher quality kept", kept_note(results), *build(KEPT, students)))
-    cost_note = f"Peak memory: {results['settings']['memory_method']}."
+    cost_note = f"Peak memory: {results.settings.memory_method}."
     out.append(("Cost and speed", cost_note, *build(COST, models)))
     return out
 
@@ -129,27 +144,26 @@ def _ratio(x: float | None, base: float | None) -> str:
     return DASH if not x or not base else f"{x / base:.2f}x"
 
 
-def headline(results: dict) -> tuple[list[str], list[list[str]]]:
+def headline(results: EvalResult) -> tuple[list[str], list[list[str]]]:
     """One row per model with what a distillation is judged on: its size, speed and memory
     against the teacher's, and the quality it kept (held-out CE, answer accuracy)."""
-    teacher = next(m for m in results["models"] if m["role"] == "teacher")
-    t_cost = teacher["cost"]
+    t_cost = results.teacher.cost
     headers = ["model", "params", "disk MB", "peak MB", "decode tok/s", "speed", "held-out CE",
                "accuracy %", "kept"]  # fmt: skip
     rows = []
-    for m in results["models"]:
-        cost, quality = m["cost"], m["quality"]
-        decode = cost["decode_tokens_per_s_batch1"]
+    for m in results.models:
+        cost, quality = m.cost, m.quality
+        decode = cost.decode_tokens_per_s_batch1
         rows.append([
-            m["name"],
-            f"{_count(cost['parameters'])} {_ratio(cost['parameters'], t_cost['parameters'])}",
-            _mb(cost["size_on_disk_bytes"]),
-            _num(cost["peak_memory_mb"], 1),
+            m.name,
+            f"{_count(cost.parameters)} {_ratio(cost.parameters, t_cost.parameters)}",
+            _mb(cost.size_on_disk_bytes),
+            _num(cost.peak_memory_mb, 1),
             _num(decode, 0),
-            _ratio(decode, t_cost["decode_tokens_per_s_batch1"]),
-            _num(quality["ce"], 3),
-            _num(quality["accuracy"], 1),
-            _pct((m["kept"] or {}).get("accuracy")) if m["role"] != "teacher" else DASH,
+            _ratio(decode, t_cost.decode_tokens_per_s_batch1),
+            _num(quality.ce, 3),
+            _num(quality.accuracy, 1),
+            pct(kept_value(m, "accuracy")) if m.role != "teacher" else DASH,
         ])  # fmt: skip
     return headers, rows
 
@@ -168,12 +182,20 @@ def text_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), rule, *map(line, rows)])
 
 
-def print_tables(results: dict, console=None) -> None:
-    """Print the summary tables with rich."""
-    from rich.console import Console
-    from rich.table import Table
+# Wider than any table: a table takes only the width it needs, so this width means "uncut".
+UNCUT_WIDTH = 10_000
 
-    console = console or Console()
+
+def table_console() -> Console:
+    """A console on stdout for the tables: the terminal's width, or in a file or pipe (which has
+    no width) no limit, where rich would otherwise cut every table to 80 columns."""
+    console = Console()
+    return console if console.is_terminal else Console(width=UNCUT_WIDTH)
+
+
+def print_tables(results: EvalResult, console: Console | None = None) -> None:
+    """Print the summary tables with rich (on `table_console()` unless given a console)."""
+    console = console or table_console()
     for title, note, headers, rows in tables(results):
         t = Table(title=title, caption=note, title_justify="left", caption_justify="left")
         for i, h in enumerate(headers):
@@ -192,41 +214,40 @@ def _md_cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(map(_md_cell, headers)) + " |"]
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|")
     lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def _meta_lines(results: dict) -> list[str]:
-    d, s = results["data"], results["settings"]
-    teacher = next(m for m in results["models"] if m["role"] == "teacher")
+def _meta_lines(results: EvalResult) -> list[str]:
+    d, s = results.data, results.settings
     return [
-        f"Teacher: `{teacher['path']}`",
-        f"Data: `{d['path']}` — {d['conversations']} conversations, {d['scored_tokens']} scored "
-        f"assistant tokens, {d['with_reference']} reference answers, {d['with_answer']} with "
+        f"Teacher: `{results.teacher.path}`",
+        f"Data: `{d.path}` — {d.conversations} conversations, {d.scored_tokens} scored "
+        f"assistant tokens, {d.with_reference} reference answers, {d.with_answer} with "
         f"an `answer` field",
-        f"Greedy answers, up to {s['max_new_tokens']} new tokens; device {s['device']}; "
-        f"{results['created']}",
+        f"Greedy answers, up to {s.max_new_tokens} new tokens; device {s.device}; "
+        f"{results.created}",
     ]
 
 
-def render_markdown(results: dict) -> str:
+def render_markdown(results: EvalResult) -> str:
     """summary.md: the tables and the sample conversations."""
     parts = ["# chatdistill evaluation", "", *[f"- {x}" for x in _meta_lines(results)], ""]
     for title, note, headers, rows in tables(results):
-        parts += [f"## {title}", "", note, "", _md_table(headers, rows), ""]
-    if results["samples"]:
+        parts += [f"## {title}", "", note, "", md_table(headers, rows), ""]
+    if results.samples:
         parts += ["## Sample conversations", ""]
-        for i, smp in enumerate(results["samples"], 1):
+        for i, smp in enumerate(results.samples, 1):
             last_user = next(
-                (m["content"] for m in reversed(smp["messages"]) if m["role"] == "user"), ""
+                (m["content"] for m in reversed(smp.messages) if m["role"] == "user"), ""
             )
             parts += [f"### Sample {i}", "", f"**User:** {last_user}", ""]
-            rows = [["reference", smp["reference"] or DASH]]
-            rows += [[name, text] for name, text in smp["answers"].items()]
-            parts += [_md_table(["Model", "Answer"], rows).replace("---:", "---"), ""]
+            rows = [["reference", smp.reference or DASH]]
+            rows += [[name, text] for name, text in smp.answers.items()]
+            parts += [md_table(["Model", "Answer"], rows).replace("---:", "---"), ""]
     parts.append("Plots and full conversations: report.html.")
     return "\n".join(parts) + "\n"
 
@@ -238,48 +259,39 @@ def render_markdown(results: dict) -> str:
 _ROLE_MARKER = {"teacher": "*", "student": "o", "baseline": "s"}
 
 
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
+def _png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(ncols: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.8), squeeze=False)
+def _figure(ncols: int) -> tuple[Figure, np.ndarray]:
+    """A figure with one row of `ncols` axes. A bare Figure rather than pyplot: no GUI backend
+    and no global list of open figures, so it draws headless and needs no closing."""
+    fig = Figure(figsize=(5.2 * ncols, 3.8))
+    return fig, fig.subplots(1, ncols, squeeze=False)
 
 
-def plot_quality_vs_size(results: dict) -> str:
+def plot_quality_vs_size(results: EvalResult) -> str:
     """Each quality metric against parameter count, one marker per model."""
     metrics = [("ce", "Held-out CE (nats/token, lower is better)")]
     metrics += [
         (k, f"{label} (higher is better)")
         for k, label in (("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("accuracy", "Accuracy %"))
-        if any(m["quality"][k] is not None for m in results["models"])
+        if any(getattr(m.quality, k) is not None for m in results.models)
     ]
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
     fig, axes = _figure(len(metrics))
-    models = results["models"]
-    sizes = [m["cost"]["parameters"] for m in models]
+    models = results.models
+    sizes = [m.cost.parameters for m in models]
     for ax, (key, label) in zip(axes[0], metrics, strict=True):
         for m in models:
-            y = m["quality"][key]
+            y = getattr(m.quality, key)
             if y is None:
                 continue
-            x = m["cost"]["parameters"]
-            ax.scatter(
-                x, y, s=80, marker=_ROLE_MARKER[m["role"]], label=f"{m['name']} ({m['role']})"
-            )
-            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            x = m.cost.parameters
+            ax.scatter(x, y, s=80, marker=_ROLE_MARKER[m.role], label=f"{m.name} ({m.role})")
+            ax.annotate(m.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if max(sizes) > 20 * max(1, min(sizes)):
             ax.set_xscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(4))
@@ -293,25 +305,23 @@ def plot_quality_vs_size(results: dict) -> str:
     return _png(fig)
 
 
-def plot_speed(results: dict) -> str:
+def plot_speed(results: EvalResult) -> str:
     """Bars: prefill tokens/s, decode tokens/s at batch 1 and 8, peak memory."""
-    import numpy as np
-
-    models = results["models"]
-    names = [m["name"] for m in models]
+    models = results.models
+    names = [m.name for m in models]
     x = np.arange(len(models))
     fig, axes = _figure(3)
     ax = axes[0][0]
-    ax.bar(x, [m["cost"]["prefill_tokens_per_s"] or 0 for m in models], color="tab:blue")
+    ax.bar(x, [m.cost.prefill_tokens_per_s or 0 for m in models], color="tab:blue")
     ax.set_ylabel("Prefill tokens/s (higher is better)")
     ax = axes[0][1]
     for off, key, lab in ((-0.2, "batch1", "batch 1"), (0.2, "batch8", "batch 8")):
-        vals = [m["cost"][f"decode_tokens_per_s_{key}"] or 0 for m in models]
+        vals = [getattr(m.cost, f"decode_tokens_per_s_{key}") or 0 for m in models]
         ax.bar(x + off, vals, width=0.4, label=lab)
     ax.set_ylabel("Decode tokens/s (higher is better)")
     ax.legend(fontsize=8)
     ax = axes[0][2]
-    ax.bar(x, [m["cost"]["peak_memory_mb"] or 0 for m in models], color="tab:gray")
+    ax.bar(x, [m.cost.peak_memory_mb or 0 for m in models], color="tab:gray")
     ax.set_ylabel("Peak memory while generating (MB)")
     for ax in axes[0]:
         ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
@@ -339,6 +349,24 @@ def read_training_log(path: str | Path) -> dict[str, list[dict]]:
     return {"train": train, "eval": evals}
 
 
+# The validation records the trainer writes (`distill.train.evaluate_split`): key, label, style.
+VALIDATION_KEYS = (("val_ce", "CE", "-"), ("val_kd", "KD", "--"))
+
+
+def validation_curves(
+    logs: dict[str, dict[str, list[dict]]],
+) -> dict[str, tuple[list[int], list[float], str]]:
+    """The validation lines of the training curves: label -> (steps, values, line style)."""
+    curves = {}
+    for name, log in logs.items():
+        for key, label, style in VALIDATION_KEYS:
+            points = [(r["step"], r[key]) for r in log["eval"] if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points, strict=True)
+                curves[f"{name} {label}"] = (list(steps), list(values), style)
+    return curves
+
+
 def plot_training_curves(logs: dict[str, dict[str, list[dict]]]) -> str | None:
     """Training loss and validation CE/KD against step, one line per model; None if no data."""
     if not any(log["train"] or log["eval"] for log in logs.values()):
@@ -350,10 +378,8 @@ def plot_training_curves(logs: dict[str, dict[str, list[dict]]]) -> str | None:
             train_ax.plot(
                 [r["step"] for r in log["train"]], [r["loss"] for r in log["train"]], label=name
             )
-        for key, style in (("ce", "-"), ("kd", "--")):
-            pts = [(r["step"], r[key]) for r in log["eval"] if r.get(key) is not None]
-            if pts:
-                eval_ax.plot(*zip(*pts, strict=True), style, marker=".", label=f"{name} {key}")
+    for label, (steps, values, style) in validation_curves(logs).items():
+        eval_ax.plot(steps, values, style, marker=".", label=label)
     train_ax.set_ylabel("Training loss")
     eval_ax.set_ylabel("Validation CE / KD (nats/token)")
     for ax in (train_ax, eval_ax):
@@ -405,13 +431,13 @@ def _img(b64: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
 
 
-def _sample_html(i: int, smp: dict) -> str:
+def _sample_html(i: int, smp: Sample) -> str:
     esc = html.escape
     turns = "".join(
         f'<div class="turn"><span class="role">{esc(m["role"])}:</span> {esc(m["content"])}</div>'
-        for m in smp["messages"]
+        for m in smp.messages
     )
-    cards = [("reference", smp["reference"] or DASH), *smp["answers"].items()]
+    cards = [("reference", smp.reference or DASH), *smp.answers.items()]
     answers = "".join(
         f'<div class="answer"><h4>{esc(name)}</h4>{esc(text) or DASH}</div>' for name, text in cards
     )
@@ -420,7 +446,7 @@ def _sample_html(i: int, smp: dict) -> str:
     )
 
 
-def render_html(results: dict, logs: dict[str, dict[str, list[dict]]] | None = None) -> str:
+def render_html(results: EvalResult, logs: dict[str, dict[str, list[dict]]] | None = None) -> str:
     """The self-contained HTML report: tables, plots, training curves, sample conversations."""
     esc = html.escape
     parts = [
@@ -440,143 +466,31 @@ def render_html(results: dict, logs: dict[str, dict[str, list[dict]]] | None = N
     curves = plot_training_curves(logs or {})
     if curves:
         parts += ["<h2>Training curves</h2>", _img(curves, "Training curves")]
-    if results["samples"]:
+    if results.samples:
         parts.append("<h2>Sample conversations</h2>")
-        parts += [_sample_html(i, s) for i, s in enumerate(results["samples"], 1)]
+        parts += [_sample_html(i, s) for i, s in enumerate(results.samples, 1)]
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def load_logs(results: dict) -> dict[str, dict[str, list[dict]]]:
+def load_logs(results: EvalResult) -> dict[str, dict[str, list[dict]]]:
     """Training logs named in the results (`training_logs`), read from disk where still present."""
     return {
         name: read_training_log(path)
-        for name, path in results["training_logs"].items()
+        for name, path in results.training_logs.items()
         if Path(path).is_file()
     }
 
 
-def write_reports(results: dict, output: str | Path) -> dict[str, Path]:
+def write_reports(results: EvalResult, output: str | Path) -> dict[str, Path]:
     """Write results.json, summary.md and report.html into `output`; return their paths."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "summary": out / "summary.md"}
     paths["report"] = out / "report.html"
-    atomic.write_text(paths["results"], json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(
+        paths["results"], json.dumps(results.to_json(), indent=2, ensure_ascii=False) + "\n"
+    )
     atomic.write_text(paths["summary"], render_markdown(results))
     atomic.write_text(paths["report"], render_html(results, load_logs(results)))
     return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        elif v is not None:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _card_eval(student: dict, teacher: dict, results: dict) -> list[str]:
-    rows = []
-    for cols in (QUALITY, FIDELITY, COST):
-        for label, f in cols:
-            rows.append([label, f(teacher) if cols is not FIDELITY else DASH, f(student)])
-    keys = [k for k, _ in KEPT_KEYS]
-    kept = ", ".join(
-        f"{label} {_pct(student['kept'].get(k))}"
-        for k, (_, label) in zip(keys, KEPT_KEYS, strict=True)
-        if student["kept"] and student["kept"].get(k) is not None
-    )
-    lines = [
-        "## Evaluation",
-        "",
-        f"On `{results['data']['path']}` ({results['data']['conversations']} conversations), "
-        "greedy decoding, measured by `chatdistill eval`.",
-        "",
-        _md_table(["Metric", "Teacher", "This model"], rows).replace("|---|---|", "|---|---:|"),
-        "",
-    ]
-    if kept:
-        lines += [f"Teacher quality kept: {kept}. {kept_note(results)}", ""]
-    return lines
-
-
-def write_model_card(
-    student_dir: str | Path, results: dict | None, recipe_info: dict | None
-) -> Path:
-    """Write README.md into `student_dir`: provenance, recipe, metrics, how to load, chat, serve.
-
-    `results` is the `evaluate` output (or None before evaluation); the student is found in it by
-    path. `recipe_info` is the training recipe (e.g. the resolved distill config as a dict).
-    """
-    d = Path(student_dir)
-    recipe = _flatten(recipe_info or {})
-    entry = teacher = None
-    if results:
-        teacher = next(m for m in results["models"] if m["role"] == "teacher")
-        entry = next(
-            (m for m in results["models"] if Path(m["path"]).resolve() == d.resolve()), None
-        )
-    teacher_name = recipe.get("teacher") or (teacher["path"] if teacher else None)
-    data = recipe.get("data.train") or (results["data"]["path"] if results else None)
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
-    lines += ["tags:", "- chatdistill", "- distillation", "---", "", f"# {d.name}", ""]
-    lines += [
-        f"A chat model distilled from `{teacher_name or 'an unrecorded teacher'}` "
-        "with chatdistill.",
-        "",
-        "## Training",
-        "",
-        f"- Teacher: `{teacher_name or DASH}`",
-        f"- Data: `{data or DASH}`",
-    ]
-    if recipe:
-        rows = [[k, f"`{v}`"] for k, v in recipe.items() if k not in ("teacher", "data.train")]
-        lines += ["", "Recipe:", "", _md_table(["Setting", "Value"], rows).replace("---:", "---")]
-    lines.append("")
-    if entry and teacher:
-        lines += _card_eval(entry, teacher, results)
-    else:
-        lines += [
-            "## Evaluation",
-            "",
-            "Not evaluated yet: `chatdistill eval --teacher TEACHER --student "
-            f"{d} --data TEST.jsonl --output eval/`.",
-            "",
-        ]
-    lines += [
-        "## Use with transformers",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'path = "{d}"',
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
-        "model = AutoModelForCausalLM.from_pretrained(path)",
-        'messages = [{"role": "user", "content": "Hello! What can you do?"}]',
-        "inputs = tokenizer.apply_chat_template(",
-        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
-        ")",
-        "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
-        'answer = output[0, inputs["input_ids"].shape[1] :]',
-        "print(tokenizer.decode(answer, skip_special_tokens=True))",
-        "```",
-        "",
-        "## Chat and serve",
-        "",
-        "```bash",
-        f"chatdistill chat {d}     # chat in the terminal",
-        f"chatdistill serve {d}    # OpenAI-compatible API (/v1) and a web chat page",
-        "```",
-        "",
-    ]
-    path = d / "README.md"
-    atomic.write_text(path, "\n".join(lines))
-    return path

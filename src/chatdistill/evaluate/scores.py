@@ -1,4 +1,4 @@
-"""Pure metric functions for evaluation: token scores on logits, text scores on answers, ratios.
+"""Pure scoring functions, no model runs: token scores on logits, text scores on answers, ratios.
 
 Scales: cross-entropy and KL are in nats per token; ROUGE-L, chrF, accuracy and top-1 agreement
 are percentages (0-100) so they read alike in one table.
