@@ -2,6 +2,7 @@
 distribution, caches rolled back, streaming/stop/EOS, batching, metrics and bad drafts."""
 
 import io
+import json
 
 import pytest
 import torch
@@ -371,3 +372,20 @@ def test_cli_chat_with_a_draft_answers(tiny_models, monkeypatch, capsys):
     argv = ["chat", str(tiny_models["llama"]), "--draft", str(tiny_models["llama"])]
     assert main([*argv, "--draft-tokens", "2", "--temperature", "0", "--max-new-tokens", "8"]) == 0
     assert "chatting with" in capsys.readouterr().out
+
+
+def test_cli_eval_with_a_draft_reports_its_speed_and_identical_answers(
+    tiny_models, tokenizer_dir, chat_file, tmp_path, capsys
+):
+    small = build_tiny_model(tmp_path / "small", tokenizer_dir, "llama", num_hidden_layers=2)
+    out = tmp_path / "out"
+    argv = ["eval", "--teacher", str(tiny_models["llama"]), "--student", str(small)]
+    argv += ["--data", str(chat_file), "--output", str(out), "--max-samples", "2"]
+    argv += ["--max-new-tokens", "4", "--speed-prompts", "2", "--speed-new-tokens", "8"]
+    argv += ["--no-memory", "--no-model-card", "--draft", str(small), "--draft-tokens", "3"]
+    assert main(argv) == 0
+    assert f"teacher with --draft {small}: " in capsys.readouterr().out
+    spec = json.loads((out / "results.json").read_text())["speculative"]
+    assert spec["identical_greedy_answers"] == spec["answers_compared"] == 2
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["draft_tokens"] == 3
+    assert spec["decode_tokens_per_s_batch1"] > 0 and spec["speedup"] > 0

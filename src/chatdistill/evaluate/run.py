@@ -72,6 +72,10 @@ class EvalConfig:
     """write README.md into each student directory"""
     device: str | None = None
     dtype: str | None = None
+    draft: str | None = None
+    """a draft model for the teacher: its speculative decoding speed is measured too"""
+    draft_tokens: int = 4
+    """tokens the draft proposes per step"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +275,35 @@ def _speed_pass(engine, prompts: list[list[int]], new_tokens: int, device) -> di
     }
 
 
+def draft_probe(
+    engine, draft: str, draft_tokens: int, prompts: list[list[int]], new_tokens: int
+) -> dict:
+    """The engine's speed with a speculative `draft` attached (`speed_probe` figures), the draft's
+    acceptance rate, and how many greedy answers to `prompts` (batch 1, where speculation runs)
+    stay identical to the engine's alone. The draft is detached afterwards."""
+    from chatdistill.inference.engine import SamplingParams
+    from chatdistill.inference.speculative import load_draft
+
+    greedy = SamplingParams(max_new_tokens=new_tokens)
+    alone = engine.generate(prompts, greedy, batch_size=1)
+    attached = load_draft(engine, draft, draft_tokens)
+    try:
+        drafted = engine.generate(prompts, greedy, batch_size=1)
+        speed = speed_probe(engine, prompts, new_tokens)
+    finally:
+        engine.draft = None
+    return {
+        "draft": draft,
+        "draft_tokens": draft_tokens,
+        **speed,
+        "acceptance_rate": attached.acceptance_rate,
+        "identical_greedy_answers": sum(
+            a.token_ids == b.token_ids for a, b in zip(alone, drafted, strict=True)
+        ),
+        "answers_compared": len(prompts),
+    }
+
+
 def _status_kb(field_name: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -443,6 +476,7 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
         ("--batch-size", cfg.batch_size),
         ("speed_prompts", cfg.speed_prompts),
         ("speed_new_tokens", cfg.speed_new_tokens),
+        ("--draft-tokens", cfg.draft_tokens),
     ):
         if value < 1:
             raise UserError(f"{flag}={value}: must be at least 1")
@@ -457,7 +491,8 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
     say = say or (lambda _msg: None)
     # Tokenizers first: a mismatched student fails in seconds, before any model runs.
     teacher_tok = load_tokenizer(cfg.teacher, "--teacher")
-    for _, path, flag in roles[1:]:
+    drafts = [(cfg.draft, "--draft")] if cfg.draft else []
+    for path, flag in [(p, f) for _, p, f in roles[1:]] + drafts:
         try:
             check_vocab(teacher_tok, load_tokenizer(path, flag))
         except UserError as e:
@@ -484,6 +519,20 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
         cost["size_on_disk_bytes"] = weights_size(path)
         entries.append({"name": name, "role": role, "path": str(path), **fields, "cost": cost})
         answers[name] = ans
+    speculative = None
+    if cfg.draft:
+        say(f"timing the teacher with --draft {cfg.draft} ...")
+        speed_ids = [
+            _prompt_ids(teacher, it.prompt, cfg.speed_new_tokens)
+            for it in items[: cfg.speed_prompts]
+        ]
+        speculative = draft_probe(
+            teacher, cfg.draft, cfg.draft_tokens, speed_ids, cfg.speed_new_tokens
+        )
+        alone = entries[0]["cost"]["decode_tokens_per_s_batch1"]
+        spec = speculative["decode_tokens_per_s_batch1"]
+        speculative["teacher_decode_tokens_per_s_batch1"] = alone
+        speculative["speedup"] = spec / alone if spec and alone else None
     device = str(next(teacher.model.parameters()).device)
     _free(teacher)
 
@@ -536,6 +585,7 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict:
         "settings": {**asdict(cfg), "device": device, "memory_method": method},
         "kept_mode": "gap_closed" if cfg.baseline else "ratio",
         "models": entries,
+        "speculative": speculative,
         "samples": samples,
         "training_logs": logs,
     }
