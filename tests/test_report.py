@@ -284,7 +284,8 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
 def test_results_json_keeps_the_format_readers_know(results, tmp_path):
     written = json.loads(write_reports(results, tmp_path / "out")["results"].read_text())
     assert list(written) == [
-        "schema", "created", "data", "settings", "kept_mode", "models", "samples", "training_logs"
+        "schema", "created", "data", "settings", "kept_mode", "models", "samples", "training_logs",
+        "speculative",
     ]  # fmt: skip
     student = written["models"][1]
     assert list(student) == [

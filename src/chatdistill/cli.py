@@ -65,6 +65,29 @@ def _run_distill(args: argparse.Namespace) -> None:
     train(cfg, resume=args.resume)
 
 
+def _add_draft_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft",
+        metavar="DRAFT_DIR",
+        help="a smaller model with the same tokenizer (best: a student distilled from this "
+        "teacher) that proposes tokens the teacher checks in one forward: the teacher's own "
+        "answers, decoded faster while one request runs (speculative decoding)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=4,
+        metavar="K",
+        help="tokens the draft proposes per step (default: 4)",
+    )
+
+
+def _check_draft_flags(args: argparse.Namespace) -> None:
+    """Fail before any model loads on a --draft-tokens that cannot work."""
+    if args.draft_tokens < 1:
+        raise UserError(f"--draft-tokens {args.draft_tokens}: must be at least 1")
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -107,6 +130,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "default only the bound address, and the loopback names for a loopback bind",
     )
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    _add_draft_flags(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -123,6 +147,7 @@ def _run_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    _check_draft_flags(args)
     run_server(
         args.model_dir,
         host=args.host,
@@ -134,6 +159,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         request_timeout_s=args.request_timeout,
         allowed_hosts=args.allowed_host,
         device=args.device,
+        draft=args.draft,
+        draft_tokens=args.draft_tokens,
     )
 
 
@@ -182,6 +209,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-model-card", action="store_true", help="write no model cards")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    _add_draft_flags(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -192,6 +220,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     from chatdistill.evaluate.report import print_tables
     from chatdistill.evaluate.run import evaluate
 
+    _check_draft_flags(args)
     cfg = EvalConfig(
         teacher=args.teacher,
         students=args.student,
@@ -208,12 +237,31 @@ def _run_eval(args: argparse.Namespace) -> None:
         model_cards=not args.no_model_card,
         device=args.device,
         dtype=args.dtype,
+        draft=args.draft,
+        draft_tokens=args.draft_tokens,
     )
     # soft_wrap: a progress line naming a long path stays one line in a log file.
     console = Console(stderr=True, soft_wrap=True)
     results = evaluate(cfg, say=console.print)
     print_tables(results)
+    if results.speculative is not None:
+        print(_draft_summary(results.speculative))
     console.print(f"wrote {args.output}/results.json, summary.md, report.html")
+
+
+def _draft_summary(spec: dict) -> str:
+    """One line on the teacher's speed with its draft (figures that could not be measured: n/a)."""
+
+    def fmt(value: float | None, spec_: str) -> str:
+        return "n/a" if value is None else format(value, spec_)
+
+    return (
+        f"teacher with --draft {spec['draft']}: "
+        f"{fmt(spec['decode_tokens_per_s_batch1'], ',.0f')} vs "
+        f"{fmt(spec['teacher_decode_tokens_per_s_batch1'], ',.0f')} tokens/s alone at batch 1 "
+        f"({fmt(spec['speedup'], '.2f')}x), acceptance {fmt(spec['acceptance_rate'], '.0%')}, "
+        f"{spec['identical_greedy_answers']}/{spec['answers_compared']} greedy answers identical"
+    )
 
 
 def _add_cache_teacher(sub: argparse._SubParsersAction) -> None:
@@ -366,12 +414,14 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", help="system message kept at the start of the conversation")
     p.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    _add_draft_flags(p)
     p.set_defaults(func=_run_chat)
 
 
 def _run_chat(args: argparse.Namespace) -> None:
     from chatdistill.inference.chat import run_chat
 
+    _check_draft_flags(args)
     run_chat(
         args.model_dir,
         temperature=args.temperature,
@@ -380,6 +430,8 @@ def _run_chat(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         seed=args.seed,
         device=args.device,
+        draft=args.draft,
+        draft_tokens=args.draft_tokens,
     )
 
 

@@ -41,6 +41,10 @@ class EvalConfig:
     chatdistill is there: then MODEL_CARD.md)"""
     device: str | None = None
     dtype: str | None = None
+    draft: str | None = None
+    """a draft model for the teacher: its speculative decoding speed is measured too"""
+    draft_tokens: int = 4
+    """tokens the draft proposes per step"""
 
 
 def check_counts(cfg: EvalConfig) -> None:
@@ -51,6 +55,7 @@ def check_counts(cfg: EvalConfig) -> None:
         ("--batch-size", cfg.batch_size),
         ("speed_prompts", cfg.speed_prompts),
         ("speed_new_tokens", cfg.speed_new_tokens),
+        ("--draft-tokens", cfg.draft_tokens),
     ):
         if value < 1:
             raise UserError(f"{flag}={value}: must be at least 1")

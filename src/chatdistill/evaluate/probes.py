@@ -13,6 +13,7 @@ import torch
 
 from chatdistill.evaluate.config import EvalConfig
 from chatdistill.inference.engine import SamplingParams
+from chatdistill.inference.speculative import load_draft
 
 WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data", ".onnx.data"
@@ -112,3 +113,29 @@ def memory_probe(path: str, prompts: list[list[int]], cfg: EvalConfig) -> tuple[
         raise RuntimeError(f"memory probe for {path} failed:\n{proc.stderr[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return out["peak_memory_mb"], out["method"]
+
+
+def draft_probe(
+    engine, draft: str, draft_tokens: int, prompts: list[list[int]], new_tokens: int
+) -> dict:
+    """The engine's speed with a speculative `draft` attached (`speed_probe` figures), the draft's
+    acceptance rate, and how many greedy answers to `prompts` (batch 1, where speculation runs)
+    stay identical to the engine's alone. The draft is detached afterwards."""
+    greedy = SamplingParams(max_new_tokens=new_tokens)
+    alone = engine.generate(prompts, greedy, batch_size=1)
+    attached = load_draft(engine, draft, draft_tokens)
+    try:
+        drafted = engine.generate(prompts, greedy, batch_size=1)
+        speed = speed_probe(engine, prompts, new_tokens)
+    finally:
+        engine.draft = None
+    return {
+        "draft": draft,
+        "draft_tokens": draft_tokens,
+        **speed,
+        "acceptance_rate": attached.acceptance_rate,
+        "identical_greedy_answers": sum(
+            a.token_ids == b.token_ids for a, b in zip(alone, drafted, strict=True)
+        ),
+        "answers_compared": len(prompts),
+    }

@@ -140,6 +140,9 @@ class EvalResult:
     samples: list[Sample]
     training_logs: dict[str, str]
     """model (or log) name -> its trainer metrics.jsonl, plotted in the report"""
+    speculative: dict[str, Any] | None = None
+    """with --draft: the teacher's batch-1 speed with the draft, its acceptance rate, how many
+    greedy answers stayed identical (`probes.draft_probe`)"""
 
     @property
     def teacher(self) -> ModelResult:
@@ -162,4 +165,5 @@ class EvalResult:
             models=[ModelResult.from_json(m) for m in obj["models"]],
             samples=[Sample(**s) for s in obj["samples"]],
             training_logs=dict(obj["training_logs"]),
+            speculative=obj.get("speculative"),
         )

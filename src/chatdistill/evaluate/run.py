@@ -35,7 +35,13 @@ from chatdistill.evaluate.loading import (
     load_engine,
     load_tokenizer,
 )
-from chatdistill.evaluate.probes import MEMORY_METHODS, memory_probe, speed_probe, weights_size
+from chatdistill.evaluate.probes import (
+    MEMORY_METHODS,
+    draft_probe,
+    memory_probe,
+    speed_probe,
+    weights_size,
+)
 from chatdistill.evaluate.result import (
     Cost,
     DataSummary,
@@ -159,7 +165,8 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
     check_inputs(cfg)
     rows = load_rows(cfg.data)[: cfg.max_samples]
     say = say or (lambda _msg: None)
-    check_tokenizers(cfg.teacher, [(path, flag) for _, path, flag in roles[1:]])
+    drafts = [(cfg.draft, "--draft")] if cfg.draft else []
+    check_tokenizers(cfg.teacher, [(path, flag) for _, path, flag in roles[1:]] + drafts)
 
     teacher = load_engine(sources[cfg.teacher], cfg.device, cfg.dtype)
     items = prepare_items(
@@ -183,6 +190,18 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
         source = sources[path].record()
         models.append(ModelResult(name, role, str(path), quality, fidelity, cost, source=source))
         answers[name] = ans
+    speculative = None
+    if cfg.draft:
+        say(f"timing the teacher with --draft {cfg.draft} ...")
+        speed_items = items[: cfg.speed_prompts]
+        speed_ids = [prompt_ids(teacher, it.prompt, cfg.speed_new_tokens) for it in speed_items]
+        speculative = draft_probe(
+            teacher, cfg.draft, cfg.draft_tokens, speed_ids, cfg.speed_new_tokens
+        )
+        alone = models[0].cost.decode_tokens_per_s_batch1
+        spec = speculative["decode_tokens_per_s_batch1"]
+        speculative["teacher_decode_tokens_per_s_batch1"] = alone
+        speculative["speedup"] = spec / alone if spec and alone else None
     device = str(next(teacher.model.parameters()).device)
     _free(teacher)
 
@@ -214,6 +233,7 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
         models=models,
         samples=samples,
         training_logs=_training_logs(models, cfg.metrics_jsonl),
+        speculative=speculative,
     )
     report.write_reports(results, cfg.output)
     if cfg.model_cards:

@@ -82,8 +82,11 @@ def run_chat(
     top_p: float = 0.95,
     seed: int | None = None,
     device: str | None = None,
+    draft: str | None = None,
+    draft_tokens: int = 4,
 ) -> None:
-    """Chat with the model in `model_dir` on stdin/stdout until /exit, Ctrl-C or Ctrl-D."""
+    """Chat with the model in `model_dir` on stdin/stdout until /exit, Ctrl-C or Ctrl-D; with
+    `draft`, answers decode speculatively with that model proposing `draft_tokens` a step."""
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
@@ -92,6 +95,10 @@ def run_chat(
 
     hf_logging.disable_progress_bar()  # loading bars would clutter the conversation
     engine = Engine.load(model_dir, device=device)
+    if draft is not None:
+        from chatdistill.inference.speculative import load_draft
+
+        load_draft(engine, draft, draft_tokens)
     conversation = Conversation(engine, system, max_new_tokens)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):

@@ -16,6 +16,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from chatdistill.data import render_prompt
 from chatdistill.errors import UserError
 from chatdistill.inference.kv_cache import GrowingCache
 from chatdistill.models import ModelSource, load_pretrained
+
+if TYPE_CHECKING:
+    from chatdistill.inference.speculative import Draft
 
 # Prompt tokens decoded in front of the first generated token, so tokenizers that drop a word's
 # leading space at the start of a decode (SentencePiece) still produce it.
@@ -276,6 +280,8 @@ class DecodeBatch:
         self.model = engine.model
         self.device = engine.device
         self.cache_arg = cache_argument(engine.model)
+        # With a draft attached, a lone row decodes speculatively (see speculative.py).
+        self.speculative = None if engine.draft is None else engine.draft.decoder()
         self._clear()
 
     def _clear(self) -> None:
@@ -354,7 +360,10 @@ class DecodeBatch:
         self.padded = self.padded or block_padded or pad_old > 0 or pad_new > 0
 
     def step(self) -> list[str]:
-        """Feed every row its pending token and pick the next one; returns each row's new text."""
+        """Feed every row its pending token and pick the next one; returns each row's new text
+        (several tokens' worth when a lone row decodes speculatively)."""
+        if self.speculative is not None and len(self.seqs) == 1 and not self.padded:
+            return self.speculative.step(self)
         ones = torch.ones(len(self.seqs), 1, dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         out = self.model(
@@ -460,6 +469,7 @@ class Engine:
                 eos.update(int(i) for i in ids)
         self.eos_token_ids: set[int] = eos
         self.source: ModelSource | None = None  # where `load` found the model
+        self.draft: Draft | None = None  # speculative decoding's draft (`speculative.attach_draft`)
 
     @classmethod
     def load(

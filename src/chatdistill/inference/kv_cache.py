@@ -59,6 +59,15 @@ class GrowingLayer(DynamicLayer):
         self._k_len = self._v_len = end
         return self.keys, self.values
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (transformers' convention: a negative count)
+        by moving the end mark back, so the buffer keeps its room: speculative decoding drops the
+        rejected draft tokens this way every step, and slicing would copy on the next update."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass minus the number of tokens to drop")
+        self._k_len = max(0, self._k_len + tokens_to_remove)
+        self._v_len = max(0, self._v_len + tokens_to_remove)
+
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, end: int) -> None:
         room = end + max(_MIN_ROOM, end // 4)
         k = key_states.new_empty((*key_states.shape[:2], room, key_states.shape[-1]))

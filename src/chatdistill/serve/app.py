@@ -48,7 +48,11 @@ def create_app(backend: Scheduler | Engine, cfg: ServeConfig) -> FastAPI:
             True,
         )
     engine: Engine = scheduler.engine
-    metrics = ServerMetrics(lambda: scheduler.num_running, lambda: scheduler.num_waiting)
+    metrics = ServerMetrics(
+        lambda: scheduler.num_running,
+        lambda: scheduler.num_waiting,
+        draft_counts=None if engine.draft is None else engine.draft.counts,
+    )
     service = CompletionService(engine, scheduler, cfg, metrics)
 
     @asynccontextmanager
@@ -148,10 +152,17 @@ def run_server(
     allowed_hosts: Sequence[str] = (),
     device: str | None = None,
     log_level: str = "info",
+    draft: str | None = None,
+    draft_tokens: int = 4,
 ) -> None:
-    """Load the model in `model_dir` and serve it until interrupted."""
+    """Load the model in `model_dir` and serve it until interrupted; with `draft`, a lone request
+    decodes speculatively with that model proposing `draft_tokens` a step."""
     _check_bindable(host, port)
     engine = Engine.load(model_dir, device=device)
+    if draft is not None:
+        from chatdistill.inference.speculative import load_draft
+
+        load_draft(engine, draft, draft_tokens)
     name = model_name or Path(model_dir).resolve().name
     cfg = ServeConfig(
         model_name=name,

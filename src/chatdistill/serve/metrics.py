@@ -1,7 +1,7 @@
 """Prometheus metrics for the server, on a registry of its own so that several apps (tests, a
 benchmark next to a server) never share or double-register collectors."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -11,6 +11,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 # Latency buckets from a millisecond (a decode step of a small model) to minutes (a long answer
 # stuck behind a full queue).
@@ -25,9 +26,16 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, num_running: Callable[[], int], num_waiting: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        num_running: Callable[[], int],
+        num_waiting: Callable[[], int],
+        draft_counts: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if draft_counts is not None:
+            r.register(_DraftCollector(draft_counts))
         self.time_to_first_token = Histogram(
             "chatdistill_time_to_first_token_seconds",
             "Time from arrival to the first generated token.",
@@ -111,3 +119,22 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DraftCollector:
+    """Speculative decoding's counters, read from the draft when scraped (the acceptance rate is
+    accepted / drafted)."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        drafted, accepted = self.counts()
+        yield CounterMetricFamily(
+            "chatdistill_spec_decode_draft_tokens", "Tokens proposed by the draft model.", drafted
+        )
+        yield CounterMetricFamily(
+            "chatdistill_spec_decode_accepted_tokens",
+            "Drafted tokens the teacher accepted.",
+            accepted,
+        )
