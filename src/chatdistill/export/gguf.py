@@ -116,7 +116,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, cfg, name: str) -> None:
     writer.add_vocab_size(cfg.vocab_size)
 
 
-def _tensor_type(name: str, shape: tuple, precision: str, is_output: bool):
+def _tensor_type(shape: tuple, precision: str, is_output: bool) -> gguf.GGMLQuantizationType:
     """The GGML type one tensor is stored in.
 
     Vectors (norms, biases) stay float32, as llama.cpp keeps them. At 4 bits the output layer
@@ -149,7 +149,7 @@ def _add_tensors(writer: gguf.GGUFWriter, model, arch: str, precision: str, wher
         elif arch == "llama" and name.endswith("attn_k.weight"):
             data = rope_permute(data, kv_heads)
         is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-        qtype = _tensor_type(name, data.shape, precision, is_output)
+        qtype = _tensor_type(data.shape, precision, is_output)
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
@@ -177,8 +177,9 @@ def export_gguf(model_dir: str | Path, output: str | Path, precision: str = "q8_
     problem = _config_problem(cfg, arch)
     if problem:
         raise UserError(f"{model_dir}: {model_class} with {problem} cannot be exported to GGUF")
+    out = Path(output).expanduser()
     # The output folder first: an unusable --output fails before the model is loaded.
-    with building(Path(output).expanduser()) as built:
+    with building(out) as built:
         tokenizer = AutoTokenizer.from_pretrained(src)
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
         template = template or CHATML_TEMPLATE
@@ -207,7 +208,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, precision: str = "q8_
                 indent=2,
             )
         )
-    return Path(output).expanduser()
+    return out
 
 
 class GgufReader:
