@@ -43,12 +43,17 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
         "kd_student", "baseline_sft_labelled", "baseline_sft_all"
     ]  # fmt: skip
     assert any("evaluating student kd_student" in line for line in lines)
-    # The printed export command works as printed (int4 ONNX export plus its check).
-    export_cmd = next(x for x in "\n".join(lines).splitlines() if "chatdistill export" in x)
-    argv = shlex.split(export_cmd.split("  ", 1)[1])[1:] + ["--check-chats", "3"]
-    assert main([*argv, "--check-tokens", "8"]) == 0
-    check = json.loads((out / "kd_student_onnx" / "export_check.json").read_text())
-    assert check["chats"] == 3 and check["export_bytes"] < check["model_bytes"]
+    printed = "\n".join(lines).splitlines()
+    for marker, folder in (
+        ("chatdistill export", "kd_student_onnx"),
+        ("--format gguf", "kd_student_gguf"),
+    ):
+        # Each printed export command works as printed (ONNX int4, GGUF q8_0, and the check).
+        command = next(x for x in printed if marker in x).split("  ", 1)[1]
+        argv = [*shlex.split(command)[1:], "--check-chats", "3", "--check-tokens", "8"]
+        assert main(argv) == 0
+        check = json.loads((out / folder / "export_check.json").read_text())
+        assert check["chats"] == 3 and check["export_bytes"] < check["model_bytes"]
     kd_cfg = (out / "kd_student" / "chatdistill_config.yaml").read_text()
     assert "teacher_cache" in kd_cfg and "ce_weight: 0.8" in kd_cfg and "temperature: 1.0" in kd_cfg
 

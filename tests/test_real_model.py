@@ -5,6 +5,7 @@ It converts once (about 25 s) into the test cache; each test then loads it as a 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -143,3 +144,14 @@ def test_serve_answers_the_official_openai_client(smol, tmp_path):
             temperature=0,
         )
     assert "Paris" in reply.choices[0].message.content
+
+
+def test_export_the_gguf_teacher_back_to_gguf_agrees_with_it(smol, tmp_path, capsys):
+    out = tmp_path / "q8"
+    code, err = _cli(
+        capsys, "export", smol, "--format", "gguf", "--precision", "q8_0", "--output", str(out),
+        "--check-tokens", "12",
+    )  # fmt: skip
+    assert code == 0, err
+    check = json.loads((out / "export_check.json").read_text())
+    assert check["token_agreement"] >= 0.9 and check["model_bytes"] == Path(smol).stat().st_size

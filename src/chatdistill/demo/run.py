@@ -313,5 +313,7 @@ def _run(cfg: DemoConfig, say) -> EvalResult:
         f"serve it (OpenAI API + web page):  chatdistill serve {kd}\n"
         f"export it for edge runtimes (ONNX, int4):  chatdistill export {kd} "
         f"--output {out / 'kd_student_onnx'} --prompts {paths['test']}"
+        f"\nor for llama.cpp and Ollama (GGUF, q8_0):  chatdistill export {kd} --format gguf "
+        f"--output {out / 'kd_student_gguf'} --prompts {paths['test']}"
     )
     return results
