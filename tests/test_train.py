@@ -1,11 +1,15 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatdistill.distill import train as train_mod
 from chatdistill.distill.train import train
 from chatdistill.errors import UserError
 
@@ -38,27 +42,34 @@ def test_distilled_student_loads_with_transformers_and_chats(
     assert (out / "chatdistill_config.yaml").is_file()
 
 
-def test_interrupted_run_resumed_equals_uninterrupted(
-    tmp_path, tiny_models, chat_file, monkeypatch
-):
-    full = train(_cfg(tmp_path / "full", tiny_models["llama"], chat_file, **{"train.max_steps": 6}))
-
-    real_update = train_mod.TrainProgress.update
-
-    def ctrl_c_at_step_3(self, record):
-        real_update(self, record)
-        if record["step"] == 3:
-            raise KeyboardInterrupt
-
-    cfg = _cfg(tmp_path / "cut", tiny_models["llama"], chat_file, **{"train.max_steps": 6})
-    monkeypatch.setattr(train_mod.TrainProgress, "update", ctrl_c_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    assert (tmp_path / "cut" / "checkpoints" / "step-0000003").is_dir()
-    assert not (tmp_path / "cut" / "model.safetensors").exists()
-    monkeypatch.setattr(train_mod.TrainProgress, "update", real_update)
-    train(cfg, resume=True)
-    a, b = _weights(full), _weights(tmp_path / "cut")
+def test_a_real_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_models, chat_file):
+    """SIGINT (what Ctrl-C sends) to a real `chatdistill distill` process, wherever it lands after
+    the first checkpoint; the run saves, exits 130, and `--resume` ends on the same weights."""
+    steps = 120  # far more than can run between the first checkpoint and the signal
+    flags = [
+        "distill", "--teacher", str(tiny_models["llama"]), "--student-num-layers", "2",
+        "--data", str(chat_file), "--max-steps", str(steps), "--set", "train.batch_size=4",
+        "--set", "train.eval_every=0", "--set", "train.save_every=1", "--set", "train.log_every=1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "chatdistill.cli"]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [*cli, *flags, "--output", str(cut)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((cut / "checkpoints").glob("step-*/trainer_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    assert not (cut / "model.safetensors").exists()
+    resumed = subprocess.run([*cli, *flags, "--output", str(cut), "--resume"], env=env)
+    full = subprocess.run([*cli, *flags, "--output", str(tmp_path / "full")], env=env)
+    assert resumed.returncode == 0 and full.returncode == 0
+    a, b = _weights(tmp_path / "full"), _weights(cut)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from chatdistill.errors import UserError
 from chatdistill.hashing import file_sha256
-from chatdistill.models.source import SOURCE_FILE, ModelSource
+
+# Written into a converted directory: the GGUF file it came from (also how `source` tells one).
+SOURCE_FILE = "chatdistill_source.json"
 
 
 def cache_root() -> Path:
@@ -68,8 +70,9 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def convert(path: Path, arg: str, what: str) -> ModelSource:
-    """The converted directory of the GGUF file `path`, converting it on first use."""
+def convert(path: Path, what: str) -> tuple[Path, dict]:
+    """The converted directory of the GGUF file `path` (converting it on first use) and the
+    file's record: name, sha256, architecture, quantisation."""
     header = read_header(path, what)
     sha = file_sha256(path)
     record = {"file": path.name, "sha256": sha, **header}
@@ -77,7 +80,7 @@ def convert(path: Path, arg: str, what: str) -> ModelSource:
     target = root / sha[:24]
     if not (target / SOURCE_FILE).is_file():
         _convert_into(path, target, record, what)
-    return ModelSource(arg, str(target), "gguf", record)
+    return target, record
 
 
 def _convert_into(path: Path, target: Path, record: dict, what: str) -> None:

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chatdistill.errors import UserError
+from chatdistill.models.gguf import SOURCE_FILE, convert
 
 HUB_PREFIX = "hf:"
-# Written into a converted GGUF directory: where its weights came from (see gguf.py).
-SOURCE_FILE = "chatdistill_source.json"
 
 
 @dataclass(frozen=True)
@@ -94,9 +93,12 @@ def _adapter_base(p: Path, what: str) -> str:
     )
 
 
-def _resolve_plain(text: str, what: str, needs: str) -> ModelSource:
-    from chatdistill.models.gguf import convert  # the GGUF reader loads only when needed
+def _gguf(path: Path, arg: str, what: str) -> ModelSource:
+    target, record = convert(path, what)
+    return ModelSource(arg, str(target), "gguf", record)
 
+
+def _resolve_plain(text: str, what: str, needs: str) -> ModelSource:
     if text.startswith(HUB_PREFIX):
         hub_id = text[len(HUB_PREFIX) :]
         if hub_id.count("/") != 1 or not all(hub_id.split("/")):
@@ -113,14 +115,14 @@ def _resolve_plain(text: str, what: str, needs: str) -> ModelSource:
             raise UserError(
                 f"{what} {text}: expected a model directory or a .gguf file, got another file"
             )
-        return convert(p, text, what)
+        return _gguf(p, text, what)
     if (p / "config.json").is_file() or (
         needs == "tokenizer" and any((p / f).is_file() for f in _TOKENIZER_FILES)
     ):
         return ModelSource(text, str(p), "hf", _converted_record(p))
     ggufs = _gguf_files(p)
     if len(ggufs) == 1:
-        return convert(ggufs[0], text, what)
+        return _gguf(ggufs[0], text, what)
     if len(ggufs) > 1:
         names = ", ".join(g.name for g in ggufs)
         raise UserError(f"{what} {text}: holds {len(ggufs)} GGUF files ({names}); pass one file")
