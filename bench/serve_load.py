@@ -20,6 +20,7 @@ measured once before the server starts and once after it stops, and the two are 
 machine whose load drifts during the run does not favour either side.
 
     python bench/serve_load.py [--model DIR] [--concurrency 1,4,16,32] [--threads 2]
+                               [--max-batch 32] [--max-queue 1024]
 
 Metrics: TTFT (send -> first content chunk), TPOT ((last - first) / (tokens - 1) per request),
 ITL (gaps between content chunks), output tokens/s (all tokens / wall time of the level).
@@ -100,6 +101,8 @@ def summarise(records: list[dict], wall_s: float) -> dict:
     return {
         "requests": len(records),
         "errors": len(records) - len(ok),
+        "rejected_429": sum(r["error"] == "429" for r in records),
+        "retry_after": sorted({r["retry_after"] for r in records if r.get("retry_after")}),
         "output_tokens": tokens,
         "wall_s": wall_s,
         "output_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
@@ -132,6 +135,10 @@ async def one_request(
     stamps = []
     try:
         async with http.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code == 429:  # over --max-queue: refused at once, with a retry hint
+                rec["error"] = "429"
+                rec["retry_after"] = resp.headers.get("retry-after")
+                return rec
             if resp.status_code != 200:
                 rec["error"] = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return rec
@@ -192,7 +199,7 @@ def start_server(model: Path, args, log: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable, "-m", "chatdistill.cli", "serve", str(model), "--port", str(port),
-        "--max-batch", str(args.max_batch), "--max-queue", "1024", "--device", "cpu",
+        "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--device", "cpu",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -278,6 +285,9 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--baseline-requests", type=int, default=6)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument(
+        "--max-queue", type=int, default=1024, help="the server's queue bound (429 beyond it)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -316,10 +326,11 @@ def main() -> None:
     print()
     print(
         f"serve load: {args.prompt_tokens}-token prompts, {args.output_tokens} new tokens, "
-        f"max batch {args.max_batch}, {args.threads} threads, device cpu"
+        f"max batch {args.max_batch}, max queue {args.max_queue}, {args.threads} threads, cpu"
     )
     head = (
-        f"{'run':<22}{'req':>5}{'err':>5}{'tok/s':>9}{'x base':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
+        f"{'run':<22}{'req':>5}{'err':>5}{'429':>5}{'tok/s':>9}{'x base':>8}"
+        f"{'TTFT p50':>10}{'TTFT p99':>10}"
     )
     head += f"{'TPOT p50':>10}{'ITL p50':>9}{'ITL p99':>9}"
     print(head)
@@ -330,7 +341,8 @@ def main() -> None:
     for name, r in rows:
         ratio = r["output_tokens_per_s"] / base["output_tokens_per_s"]
         print(
-            f"{name:<22}{r['requests']:>5}{r['errors']:>5}{r['output_tokens_per_s']:>9.1f}"
+            f"{name:<22}{r['requests']:>5}{r['errors'] - r.get('rejected_429', 0):>5}"
+            f"{r.get('rejected_429', 0):>5}{r['output_tokens_per_s']:>9.1f}"
             f"{ratio:>7.2f}x{r['ttft_p50_s'] * 1e3:>8.0f}ms{r['ttft_p99_s'] * 1e3:>8.0f}ms"
             f"{r['tpot_p50_s'] * 1e3:>8.1f}ms{r['itl_p50_s'] * 1e3:>7.1f}ms"
             f"{r['itl_p99_s'] * 1e3:>7.1f}ms"

@@ -636,10 +636,10 @@ def main() -> None:
         f"{load['after'][0]:.1f} after"
     )
     print("goal: >= 2x TRL's tokens/s at <= 0.6x its peak memory")
-    for vocab, r in result["runs"].items():
+    for r in result["runs"].values():
         ok = r["speedup_vs_trl"] >= 2 and r["peak_memory_ratio_vs_trl"] <= 0.6
         print(
-            f"  vocab {vocab}: {r['speedup_vs_trl']:.2f}x tokens/s, "
+            f"  vocab {r['data']['vocab']}: {r['speedup_vs_trl']:.2f}x tokens/s, "
             f"{r['peak_memory_ratio_vs_trl']:.2f}x peak memory -> {'met' if ok else 'not met'}"
         )
     results = RESULTS.with_name("train_throughput_real.json") if args.teacher else RESULTS
