@@ -151,3 +151,14 @@ def test_json_metrics_written_by_cli_run(capsys, base, tmp_path):
     assert code == 0
     line = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert line["step"] == 1
+
+
+def test_threads_must_be_positive_and_set_torchs_threads(capsys, base, monkeypatch):
+    import torch
+
+    code, err = _run(capsys, *base, "--threads", "0")
+    assert code == 2 and err == "error: --threads 0: must be at least 1"
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    code, _ = _run(capsys, *base, "--threads", "1", "--set", "loss.beta=2")
+    assert seen == [1] and code == 2  # set before the command runs (and fails on its recipe)

@@ -77,3 +77,8 @@ def free_space(path: object) -> str:
         return f", {shutil.disk_usage(p).free / 2**20:,.0f} MB free there"
     except OSError:
         return ""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C that the command has already explained (what a rerun does): the CLI exits 130
+    without printing a second "interrupted"."""

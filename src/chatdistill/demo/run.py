@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, LlamaConfig
 from chatdistill import atomic
 from chatdistill.data import load_rows, render_prompt
 from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, to_prompts
-from chatdistill.errors import UserError
+from chatdistill.errors import Interrupted, UserError
 from chatdistill.evaluate.config import EvalConfig
 from chatdistill.evaluate.report import headline, text_table
 from chatdistill.evaluate.result import EvalResult
@@ -207,7 +207,7 @@ def run_demo(cfg: DemoConfig, say=print) -> EvalResult:
             "[interrupted] rerun the same command to continue: finished stages are reused and "
             "an interrupted training resumes from its last checkpoint"
         )
-        raise
+        raise Interrupted from None
 
 
 @dataclass
