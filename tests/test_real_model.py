@@ -63,32 +63,30 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_distill_a_two_layer_student_cut_from_the_gguf(smol, rows_file, tmp_path, capsys):
-    out = tmp_path / "student"
-    code, err = _cli(
-        capsys, "distill", "--teacher", smol, "--student-num-layers", "2", "--data",
-        str(rows_file), "--max-steps", "2", "--output", str(out),
-        "--set", "train.batch_size=2", "--set", "data.max_length=48",
-        "--set", "train.eval_every=0", "--set", "train.save_every=0",
+@pytest.fixture(scope="module")
+def student(smol, rows_file, tmp_path_factory):
+    """Two distillation steps into a 2-layer student cut from the GGUF teacher."""
+    out = tmp_path_factory.mktemp("real") / "student"
+    code = main(
+        ["distill", "--teacher", smol, "--student-num-layers", "2", "--data", str(rows_file),
+         "--max-steps", "2", "--output", str(out), "--set", "train.batch_size=2",
+         "--set", "data.max_length=48", "--set", "train.eval_every=0",
+         "--set", "train.save_every=0"]
     )  # fmt: skip
-    assert code == 0, err
-    student = AutoModelForCausalLM.from_pretrained(out)
-    assert student.config.num_hidden_layers == 2 and student.config.vocab_size == 49152
-    recipe = (out / "chatdistill_config.yaml").read_text()
+    assert code == 0
+    return out
+
+
+def test_distill_a_two_layer_student_cut_from_the_gguf(smol, student):
+    model = AutoModelForCausalLM.from_pretrained(student)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 49152
+    recipe = (student / "chatdistill_config.yaml").read_text()
     assert "Q4_1" in recipe and resolve(smol).gguf["sha256"] in recipe
 
 
 def test_eval_scores_the_gguf_teacher_against_a_student_cut_from_it(
-    smol, rows_file, tmp_path, capsys
+    smol, student, rows_file, tmp_path, capsys
 ):
-    student = tmp_path / "student"
-    code, err = _cli(
-        capsys, "distill", "--teacher", smol, "--student-num-layers", "2", "--data",
-        str(rows_file), "--max-steps", "1", "--output", str(student),
-        "--set", "train.batch_size=2", "--set", "data.max_length=48",
-        "--set", "train.eval_every=0", "--set", "train.save_every=0",
-    )  # fmt: skip
-    assert code == 0, err
     out = tmp_path / "eval"
     code, err = _cli(
         capsys, "eval", "--teacher", smol, "--student", str(student), "--data", str(rows_file),
