@@ -82,3 +82,10 @@ def free_space(path: object) -> str:
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C that the command has already explained (what a rerun does): the CLI exits 130
     without printing a second "interrupted"."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for the
+    one-line errors that wrap a library's multi-line one."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from chatdistill.errors import UserError
+from chatdistill.errors import UserError, first_line
 from chatdistill.hashing import file_sha256
 
 # Written into a converted directory: the GGUF file it came from (also how `source` tells one).
@@ -44,7 +44,7 @@ def read_header(path: Path, what: str) -> dict:
         reader = GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, struct or numpy errors on bad bytes
         raise UserError(
-            f"{what} {path}: not a readable GGUF file ({_first_line(e)}); is it truncated? "
+            f"{what} {path}: not a readable GGUF file ({first_line(e)}); is it truncated? "
             "download or export it again"
         ) from None
 
@@ -63,11 +63,6 @@ def read_header(path: Path, what: str) -> dict:
         kinds = [t.tensor_type.name for t in reader.tensors if len(t.shape) == 2]
         quant = max(set(kinds), key=kinds.count) if kinds else "unknown"
     return {"architecture": str(arch), "quantization": quant}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def convert(path: Path, what: str) -> tuple[Path, dict]:
@@ -108,7 +103,7 @@ def _convert_into(path: Path, target: Path, record: dict, what: str) -> None:
         except (ValueError, KeyError, NotImplementedError, RuntimeError, OSError) as e:
             raise UserError(
                 f"{what} {path}: transformers cannot read this GGUF ({record['architecture']}, "
-                f"{record['quantization']}): {_first_line(e)}; convert the original model instead"
+                f"{record['quantization']}): {first_line(e)}; convert the original model instead"
             ) from None
         # The weights are plain float tensors now; drop the GGUF quantiser so they can be saved.
         model.hf_quantizer = None

@@ -12,15 +12,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from chatdistill.errors import UserError
+from chatdistill.errors import UserError, first_line
 from chatdistill.models.source import ModelSource, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _source(model: str | Path | ModelSource, what: str, needs: str = "model") -> ModelSource:
@@ -33,7 +28,7 @@ def load_tokenizer(model: str | Path | ModelSource, what: str = "tokenizer"):
     try:
         tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - tokenizers raise many types on bad files; one line each
-        raise UserError(f"{what} {src.arg}: cannot load its tokenizer ({_first_line(e)})") from None
+        raise UserError(f"{what} {src.arg}: cannot load its tokenizer ({first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -77,7 +72,7 @@ def load_model(
     except Exception as e:  # noqa: BLE001 - corrupt safetensors, bad config.json, remote code ...
         if isinstance(e, UserError):
             raise
-        raise UserError(f"{what} {src.arg}: cannot load the model ({_first_line(e)})") from None
+        raise UserError(f"{what} {src.arg}: cannot load the model ({first_line(e)})") from None
     if src.adapter:
         loaded = _merge_adapter(loaded, src, what)
     return loaded.to(device) if device is not None else loaded
@@ -95,7 +90,7 @@ def _merge_adapter(model: PreTrainedModel, src: ModelSource, what: str) -> PreTr
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except Exception as e:  # noqa: BLE001 - shape mismatches, unknown target modules ...
         raise UserError(
-            f"{what} adapter {adapter} does not fit the model {src.path} ({_first_line(e)}); "
+            f"{what} adapter {adapter} does not fit the model {src.path} ({first_line(e)}); "
             "pass the base model it was trained on"
         ) from None
     return merged

@@ -20,6 +20,8 @@ from chatdistill.errors import UserError
 from chatdistill.models.gguf import SOURCE_FILE, convert
 
 HUB_PREFIX = "hf:"
+ADAPTER_CONFIG = "adapter_config.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,6 @@ def _gguf_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
 
 
-ADAPTER_CONFIG = "adapter_config.json"
-
-
 def resolve(
     arg: str | Path | ModelSource,
     what: str = "model",
@@ -54,13 +53,11 @@ def resolve(
 ) -> ModelSource:
     """Resolve `arg` (see the module docstring); `needs` is "model" or "tokenizer"; `adapter` is
     a peft adapter directory to merge into the model `arg` names."""
-    if isinstance(arg, ModelSource):
-        return (
-            arg if adapter is None else replace(arg, adapter=str(_adapter_dir(Path(adapter), what)))
-        )
     if adapter is not None:
         src = resolve(arg, what, needs)
         return replace(src, adapter=str(_adapter_dir(Path(adapter), f"{what} adapter")))
+    if isinstance(arg, ModelSource):
+        return arg
     p = Path(str(arg)).expanduser()
     if (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file():
         base = _adapter_base(p, what)
@@ -130,9 +127,6 @@ def _resolve_plain(text: str, what: str, needs: str) -> ModelSource:
     raise UserError(
         f"{what} {text}: no {wanted} or .gguf file there; pass a model directory or a GGUF file"
     )
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def _converted_record(d: Path) -> dict:

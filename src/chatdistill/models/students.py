@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from chatdistill.errors import UserError
+from chatdistill.errors import UserError, first_line
 
 
 def _layer_list(model: PreTrainedModel) -> tuple[object, str]:
@@ -60,7 +60,7 @@ def student_from_config(path: str, vocab_size: int) -> PreTrainedModel:
     try:
         cfg = AutoConfig.from_pretrained(str(cfg_file))
     except (OSError, ValueError) as e:
-        raise UserError(f"student_config {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"student_config {path}: {first_line(e)}") from None
     if getattr(cfg, "vocab_size", vocab_size) < vocab_size:
         raise UserError(
             f"student_config {path}: vocab_size {cfg.vocab_size} < tokenizer vocab {vocab_size}"
