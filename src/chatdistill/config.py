@@ -57,6 +57,11 @@ class TrainConfig(_Strict):
     # numpy's seed (set by accelerate's set_seed) takes 0 .. 2**32 - 1.
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of data order, init and sampling")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs")
+    teacher_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the live teacher's weights; auto: as `precision`. bf16 on a CPU with native "
+        "bf16 (AVX512-BF16, AMX) ran SmolLM2-135M 1.9x faster at a KL of 1e-3 nats/token",
+    )
 
 
 class OnPolicyConfig(_Strict):

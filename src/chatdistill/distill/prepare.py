@@ -207,7 +207,10 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         raise UserError(f"student output layer is smaller than the tokenizer vocab ({vocab})")
     teacher = val_teacher = None
     if teacher_model is not None:
-        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        precision = cfg.train.teacher_precision
+        if precision == "auto":
+            precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
+        dtype = torch.bfloat16 if precision == "bf16" else None
         teacher_model = teacher_model.to(accelerator.device, dtype=dtype)
         teacher = val_teacher = LiveTeacher(teacher_model, vocab)
     elif cfg.teacher_cache:
