@@ -117,3 +117,15 @@ def test_an_architecture_transformers_cannot_read_names_it_and_leaves_no_cache(
     with pytest.raises(UserError, match="transformers cannot read this GGUF \\(notanarch"):
         resolve(str(f), "teacher")
     assert list(cache_root().iterdir()) == []
+
+
+def test_a_model_that_is_custom_code_is_refused_without_running_it(tiny_models, tmp_path):
+    d = tmp_path / "custom"
+    shutil.copytree(tiny_models["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "evilarch"
+    cfg["auto_map"] = {"AutoConfig": "conf.EvilConfig", "AutoModelForCausalLM": "mod.Evil"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "conf.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(UserError, match=r"\(evilarch\) is custom code .* never runs"):
+        load_model(str(d), "teacher")

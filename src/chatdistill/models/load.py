@@ -7,10 +7,12 @@ the tokenizer always has a pad token (its EOS when it has none). Arguments resol
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from chatdistill.errors import UserError, first_line
 from chatdistill.models.source import ModelSource, resolve
@@ -32,6 +34,26 @@ def load_tokenizer(model: str | Path | ModelSource, what: str = "tokenizer"):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _refuse_remote_code(src: ModelSource, what: str) -> None:
+    """A model whose architecture exists only as code in its own folder (`auto_map` and a
+    model_type transformers does not know) cannot load without running that code: refuse it."""
+    config = Path(src.path) / "config.json"
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # transformers gives the one-line error for a missing or unreadable config
+    if (
+        isinstance(cfg, dict)
+        and cfg.get("auto_map")
+        and cfg.get("model_type") not in CONFIG_MAPPING
+    ):
+        raise UserError(
+            f"{what} {src.arg}: its architecture ({cfg.get('model_type')}) is custom code in the "
+            "model folder, and chatdistill never runs a model's own code; use a model of an "
+            "architecture transformers ships"
+        )
 
 
 def _check_weights(src: ModelSource, what: str) -> None:
@@ -61,6 +83,8 @@ def load_model(
 ) -> PreTrainedModel:
     """AutoModelForCausalLM from a directory, GGUF file or hub id; `dtype` None: `default_dtype`."""
     src = _source(model, what)
+    if src.kind != "hub":
+        _refuse_remote_code(src, what)
     _check_weights(src, what)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
