@@ -29,6 +29,17 @@ _ITEMS = ["kettle", "lamp", "backpack", "umbrella", "notebook", "teapot", "scarf
 _CITIES = ["Lyon", "Oslo", "Porto", "Kyoto", "Quito", "Turku"]
 
 
+# Prompts that exports answer next to their model (a system turn in one of them).
+SHOP_CHATS = [
+    [{"role": "user", "content": "How much is the kettle?"}],
+    [
+        {"role": "system", "content": "You are a helpful shop assistant."},
+        {"role": "user", "content": "Do you ship the lamp to Oslo?"},
+    ],
+    [{"role": "user", "content": "How much is the scarf?"}],
+]
+
+
 def make_conversations(n: int = 64, seed: int = 0) -> list[dict]:
     """Deterministic small support-desk conversations, some multi-turn, some with a system turn."""
     rng = random.Random(seed)

@@ -17,16 +17,8 @@ from chatdistill.errors import UserError
 from chatdistill.export.gguf import GGUF_NAME, check_gguf, export_gguf, rope_permute
 from chatdistill.export.modelfile import go_template
 
+from conftest import SHOP_CHATS as CHATS
 from conftest import build_tiny_model, make_conversations, write_jsonl
-
-CHATS = [
-    [{"role": "user", "content": "How much is the kettle?"}],
-    [
-        {"role": "system", "content": "You are a helpful shop assistant."},
-        {"role": "user", "content": "Do you ship the lamp to Oslo?"},
-    ],
-    [{"role": "user", "content": "How much is the scarf?"}],
-]
 
 
 @pytest.fixture(scope="module")
