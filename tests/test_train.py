@@ -169,3 +169,11 @@ def test_a_bf16_teacher_trains_the_same_student_closely(tmp_path, tiny_models, c
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the teacher's precision did change
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0.05, atol=2e-3, msg=k)
+
+
+def test_a_finished_run_says_how_much_its_checkpoints_keep(
+    tmp_path, tiny_models, chat_file, capsys
+):
+    train(_cfg(tmp_path / "out", tiny_models["llama"], chat_file))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"{tmp_path / 'out' / 'checkpoints'} keeps ") and "rm -r" in line

@@ -291,4 +291,10 @@ def _finish(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         val = f"val CE {final_eval['val_ce']:.3f}, " if "val_ce" in final_eval else ""
         print(f"saved student to {out} ({val}padding {summary['padding_fraction']:.1%})")
+        root = ckpt.checkpoint_root(out)
+        kept = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        print(
+            f"{root} keeps {kept / 2**20:,.0f} MB of checkpoints (optimizer state included), "
+            f"needed only to --resume or extend this run; `rm -r {root}` frees them"
+        )
     acc.wait_for_everyone()
