@@ -10,8 +10,8 @@ from chatdistill.config import load_distill_config
 from chatdistill.data import IGNORE
 from chatdistill.distill import train as train_mod
 from chatdistill.distill.prepare import prepare
-from chatdistill.distill.rollout import OnPolicySampler, end_of_turn_id, is_on_policy_step
-from chatdistill.distill.train import train
+from chatdistill.distill.rollout import end_of_turn_id, is_on_policy_step
+from chatdistill.distill.train import on_policy_sampler, train
 
 from conftest import make_conversations, write_jsonl
 
@@ -34,22 +34,6 @@ def _cfg(out, teacher, data, **over):
     }
     base.update(over)
     return load_distill_config(None, {k: v for k, v in base.items() if v is not None})
-
-
-def _sampler(s):
-    """The sampler the trainer builds from its setup."""
-    c = s.cfg
-    return OnPolicySampler(
-        s.student,
-        s.tokenizer,
-        s.accelerator,
-        s.prompt_rows,
-        c.on_policy,
-        seed=c.train.seed,
-        batch_size=c.train.batch_size,
-        max_length=c.data.max_length,
-        source=c.data.train,
-    )
 
 
 def _prompt_rows(n=12):
@@ -76,7 +60,7 @@ def test_on_policy_samples_carry_loss_on_sampled_tokens_and_the_end_of_turn(
 ):
     cfg = _cfg(tmp_path, tiny_models["llama"], chat_file, **{"on_policy.max_new_tokens": 6})
     s = prepare(cfg, Accelerator(cpu=True))
-    sampler = _sampler(s)
+    sampler = on_policy_sampler(s)
     eot = end_of_turn_id(s.tokenizer)
     assert s.tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
     (examples, batch), second = sampler.micro_batches(3, 0, 1, 2)
@@ -96,7 +80,7 @@ def test_on_policy_samples_carry_loss_on_sampled_tokens_and_the_end_of_turn(
 
 def test_processes_draw_different_prompts_for_the_same_step(tmp_path, tiny_models, chat_file):
     s = prepare(_cfg(tmp_path, tiny_models["llama"], chat_file), Accelerator(cpu=True))
-    sampler = _sampler(s)
+    sampler = on_policy_sampler(s)
     rank0 = sampler.micro_batches(0, 0, 2, 1)[0][0]
     rank1 = sampler.micro_batches(0, 1, 2, 1)[0][0]
     assert [e.input_ids for e in rank0] != [e.input_ids for e in rank1]

@@ -89,6 +89,8 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ce_weight: float
     prompt_rows: list
+    sources: dict[str, ModelSource]
+    """the recipe's teacher and student as resolved once (the saved recipe records them)"""
 
     @property
     def student(self) -> torch.nn.Module:
@@ -157,11 +159,16 @@ def _data(cfg: DistillConfig, tokenizer) -> tuple[Dataset | None, Dataset | None
 
 
 def _student(
-    cfg: DistillConfig, teacher: ModelSource | None, teacher_model, vocab: int, tokenizer
+    cfg: DistillConfig,
+    student: ModelSource | None,
+    teacher: ModelSource | None,
+    teacher_model,
+    vocab: int,
+    tokenizer,
 ) -> torch.nn.Module:
-    if cfg.student:
-        model = load_model(cfg.student, "student")
-        check_vocab(tokenizer, load_tokenizer(cfg.student, "student"), teacher_model, model)
+    if student:
+        model = load_model(student, "student")
+        check_vocab(tokenizer, load_tokenizer(student, "student"), teacher_model, model)
         return model
     if cfg.student_config:
         return student_from_config(cfg.student_config, vocab)
@@ -191,7 +198,8 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
     _check_mode(cfg)
     # Resolved once: a GGUF teacher is hashed (and converted, the first time) once per run.
     teacher_src = teacher_source(cfg) if cfg.teacher else None
-    tok_src = cfg.tokenizer or teacher_src or cfg.student
+    student_src = resolve(cfg.student, "student") if cfg.student else None
+    tok_src = cfg.tokenizer or teacher_src or student_src
     if tok_src is None:
         raise UserError("no tokenizer: pass --tokenizer DIR (or a --teacher / --student)")
     what = "tokenizer" if cfg.tokenizer else "teacher" if cfg.teacher else "student"
@@ -202,7 +210,7 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         teacher_model = load_model(teacher_src, "teacher")
         check_vocab(tokenizer, load_tokenizer(teacher_src, "teacher"), teacher_model)
     vocab = len(tokenizer)
-    student = _student(cfg, teacher_src, teacher_model, vocab, tokenizer)
+    student = _student(cfg, student_src, teacher_src, teacher_model, vocab, tokenizer)
     if student.get_output_embeddings().weight.shape[0] < vocab:
         raise UserError(f"student output layer is smaller than the tokenizer vocab ({vocab})")
     teacher = val_teacher = None
@@ -267,4 +275,5 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         scheduler=scheduler,
         ce_weight=1.0 if cfg.is_sft else cfg.loss.ce_weight,
         prompt_rows=prompt_rows,
+        sources={r: s for r, s in (("teacher", teacher_src), ("student", student_src)) if s},
     )

@@ -27,7 +27,7 @@ from chatdistill.distill.outputs import RECIPE, check_output
 from chatdistill.distill.prepare import Setup, prepare
 from chatdistill.distill.rollout import OnPolicySampler
 from chatdistill.errors import UserError
-from chatdistill.models import resolve
+from chatdistill.models import ModelSource
 from chatdistill.progress import TrainProgress
 
 
@@ -92,12 +92,12 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def source_notes(cfg: DistillConfig) -> list[str]:
-    """One line per model of the recipe that came from a GGUF file: its file, type and sha256."""
+def source_notes(cfg: DistillConfig, sources: dict[str, ModelSource]) -> list[str]:
+    """One line per model of the recipe that came from a GGUF file (`sources`, as resolved by
+    `prepare`): its file, type and sha256."""
     notes = []
     for role in ("teacher", "student"):
-        arg = getattr(cfg, role)
-        info = resolve(arg, role).gguf if arg else {}
+        info = sources[role].gguf if role in sources else {}
         if info:
             notes.append(
                 f"{role}: {info['file']} (GGUF {info['quantization']}, {info['architecture']}, "
@@ -139,7 +139,7 @@ def train(cfg: DistillConfig, resume: bool = False) -> Path:
     s = prepare(cfg, accelerator)
     out.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "epoch": 0, "next_batch": 0, "tokens": 0, "pad": 0, "slots": 0}
-    notes = source_notes(cfg)
+    notes = source_notes(cfg, s.sources)
     if previous is not None:
         state.update(ckpt.load_checkpoint(accelerator, previous, s.scheduler))
         notes += _resume_notes(out, state["step"], changes)
@@ -162,7 +162,8 @@ def _mixed_precision(cfg: DistillConfig) -> str:
     return "bf16" if p == "bf16" else "no"
 
 
-def _sampler(s: Setup) -> OnPolicySampler:
+def on_policy_sampler(s: Setup) -> OnPolicySampler:
+    """The student's sampler for on-policy steps, built from the run's setup."""
     cfg = s.cfg
     return OnPolicySampler(
         s.student,
@@ -185,7 +186,7 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
         batches = iter_batches(
             s.train_data, t.batch_size, t.seed, state["epoch"], state["next_batch"]
         )
-    sampler = _sampler(s) if s.cfg.on_policy.fraction > 0 else None
+    sampler = on_policy_sampler(s) if s.cfg.on_policy.fraction > 0 else None
     progress = TrainProgress(t.max_steps, state["step"], enabled=acc.is_main_process)
     s.loss_module.train()
     try:
