@@ -35,7 +35,8 @@ def teacher(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def full_cache(tmp_path_factory, teacher, chat_file):
     out = tmp_path_factory.mktemp("c") / "full"
-    write_cache(str(teacher), str(chat_file), str(out), top_k=VOCAB, progress=False)
+    write_cache(str(teacher), str(chat_file), str(out), top_k=VOCAB, progress=False,
+                min_mass=1.0, logprob_bits=16)  # fmt: skip
     return out
 
 
@@ -67,17 +68,34 @@ def _batch(tokenizer_dir, chat_file, n=6):
     return data, collate(data.examples, tok.pad_token_id)
 
 
+@pytest.fixture(scope="module")
+def fixed_cache(tmp_path_factory, teacher, chat_file):
+    """Every position all k slots, float16 log-probs: what version 1 stored."""
+    out = tmp_path_factory.mktemp("c") / "k8-fixed"
+    write_cache(str(teacher), str(chat_file), str(out), top_k=8, shard_positions=400,
+                min_mass=1.0, logprob_bits=16)  # fmt: skip
+    return out
+
+
+def _live_logits(teacher, batch, examples):
+    return LiveTeacher(load_model(str(teacher)), VOCAB).targets(batch, examples)(slice(None))
+
+
+@pytest.mark.parametrize(("cache", "tolerance"), [("fixed_cache", 2e-3), ("small_cache", 1 / 16)])
 def test_cached_top_k_equals_the_live_teachers_top_k(
-    teacher, small_cache, tokenizer_dir, chat_file
+    teacher, tokenizer_dir, chat_file, request, cache, tolerance
 ):
+    """Float16 log-probs within float16's rounding; 8-bit ones within one code (1/16 nat)."""
     data, batch = _batch(tokenizer_dir, chat_file)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cached = CachedTeacher.open(small_cache, tok, data, temperature=1.0, max_length=512)
+    path = request.getfixturevalue(cache)
+    cached = CachedTeacher.open(path, tok, data, temperature=1.0, max_length=512)
     sparse = cached.targets(batch, data.examples)(slice(None))
-    live = LiveTeacher(load_model(str(teacher)), VOCAB).targets(batch, data.examples)(slice(None))
-    top = torch.log_softmax(live.float(), -1).topk(8, -1)
-    assert torch.equal(sparse.ids, top.indices)
-    torch.testing.assert_close(sparse.logprobs, top.values, rtol=2e-3, atol=2e-3)
+    top = torch.log_softmax(_live_logits(teacher, batch, data.examples).float(), -1).topk(8, -1)
+    kept = torch.isfinite(sparse.logprobs)
+    assert kept.all() if cache == "fixed_cache" else kept[:, 0].all()
+    assert torch.equal(sparse.ids[kept], top.indices[kept])
+    torch.testing.assert_close(sparse.logprobs[kept], top.values[kept], rtol=0, atol=tolerance)
 
 
 def test_sparse_fkl_approaches_the_dense_fkl_as_k_reaches_the_vocabulary(
@@ -266,7 +284,8 @@ def test_cache_teacher_cli_writes_a_complete_cache(tmp_path, teacher, chat_file,
     meta = json.loads((out / "cache.json").read_text())
     assert meta["completed"] == [s["file"] for s in meta["shards"]]
     shard = cache_mod.Shard(out / meta["shards"][0]["file"])
-    assert shard.arrays["ids"].shape[1] == 4 and isinstance(shard.arrays["ids"], np.memmap)
+    assert shard.arrays["counts"].max() <= 4 and isinstance(shard.arrays["ids"], np.memmap)
+    assert shard.positions(0, 4)[0].shape[1] == 4
     assert "cached 64 conversations" in capsys.readouterr().out
 
 
@@ -403,3 +422,238 @@ def test_cache_teacher_removes_a_half_written_shard_and_says_so(
     said = capsys.readouterr().out
     assert f"removed .shard-00003.safetensors.tmp from {out}, left half-written" in said
     assert not (out / ".shard-00003.safetensors.tmp").exists()
+
+
+# ------------------------------------------------------------------ compact format (version 2)
+
+
+def _bytes_per_position(cache) -> float:
+    meta = json.loads((cache / "cache.json").read_text())
+    positions = sum(s["positions"] for s in meta["shards"])
+    return sum((cache / s["file"]).stat().st_size for s in meta["shards"]) / positions
+
+
+SHARP = 0.25  # the random teacher at this temperature is about as peaked as a trained one
+
+
+@pytest.fixture(scope="module")
+def k64_caches(tmp_path_factory, teacher, chat_file):
+    """k=64 caches: every slot in float16 (what version 1 stored), and the default format."""
+    out = tmp_path_factory.mktemp("k64")
+    common = {"top_k": 64, "temperature": SHARP, "progress": False}
+    write_cache(str(teacher), str(chat_file), str(out / "fixed"), **common, min_mass=1.0,
+                logprob_bits=16)  # fmt: skip
+    write_cache(str(teacher), str(chat_file), str(out / "compact"), **common)
+    return out / "fixed", out / "compact"
+
+
+def test_compact_cache_takes_fewer_bytes_and_reads_back_the_writers_targets(
+    teacher, k64_caches, tokenizer_dir, chat_file
+):
+    fixed, compact = k64_caches
+    meta = json.loads((compact / "cache.json").read_text())
+    assert (meta["version"], meta["min_mass"], meta["logprob_dtype"]) == (2, 0.999, "uint8")
+    assert _bytes_per_position(fixed) > 64 * (2 + 2)
+    assert _bytes_per_position(compact) < 0.5 * _bytes_per_position(fixed)
+
+    data, batch = _batch(tokenizer_dir, chat_file, n=16)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    logits = _live_logits(teacher, batch, data.examples) / SHARP
+    want_ids, want = cache_mod.sparse_targets(logits, 64, min_mass=0.999)
+    for cache, tolerance in ((fixed, 2e-3), (compact, 1 / 16)):
+        cached = CachedTeacher.open(cache, tok, data, temperature=SHARP, max_length=512)
+        got = cached.targets(batch, data.examples)(slice(None))
+        assert got.ids.shape == got.logprobs.shape == (want.shape[0], 64)
+        kept = torch.isfinite(got.logprobs)
+        if cache == fixed:
+            assert kept.all()
+            continue
+        # The writer's kept prefix, then -inf and token 0 in the slots it dropped.
+        assert torch.equal(kept, torch.isfinite(want)) and 1 < kept.sum(-1).float().mean() < 48
+        assert torch.equal(got.ids[kept], want_ids[kept]) and (got.ids[~kept] == 0).all()
+        torch.testing.assert_close(got.logprobs[kept], want[kept], rtol=0, atol=tolerance)
+        assert torch.isneginf(got.logprobs[~kept]).all()
+        # Dropping only the slots past 99.9% of the top-k mass: what a position keeps holds
+        # at least 99.9% of what it held.
+        top_mass = torch.log_softmax(logits, -1).topk(64, -1).values.exp().sum(-1)
+        assert (got.logprobs.exp().sum(-1) / top_mass).min() > 0.999 - 0.01
+
+
+def _sparse_rows(ids: torch.Tensor, logprobs: torch.Tensor) -> list[dict[int, float]]:
+    """Each position's {token: log-prob} over its used (finite) slots."""
+    return [
+        {int(i): float(lp) for i, lp in zip(r_ids, r_lps) if torch.isfinite(lp)}
+        for r_ids, r_lps in zip(ids, logprobs)
+    ]
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize(("min_mass", "tail"), [(1.0, 0), (0.9, 0), (0.9, 4)])
+def test_shard_round_trip_pads_what_a_position_does_not_keep(tmp_path, bits, min_mass, tail):
+    """pack_slots -> shard file -> Shard.positions gives back each position's used slots (tail
+    samples after its kept top prefix), padded to k with token 0 and log-prob -inf."""
+    k = 12
+    logits = torch.randn(40, 300) * torch.linspace(0.5, 6, 40)[:, None]  # flat to peaked
+    ids, lps = cache_mod.sparse_targets(logits, k, tail, torch.Generator().manual_seed(0), min_mass)
+    packed = cache_mod.pack_slots(ids, lps, 300, bits)
+    assert packed["counts"].dtype == np.uint8 and packed["ids"].dtype == np.uint16
+    assert packed["logprobs"].dtype == (np.uint8 if bits == 8 else np.float16)
+    assert len(packed["ids"]) == int(torch.isfinite(lps).sum()) == packed["counts"].sum()
+    keys = np.arange(2 * 16, dtype=np.uint8).reshape(2, 16)
+    ends = np.cumsum(packed["counts"], dtype=np.int64)
+    arrays = {"keys": keys, "offsets": np.array([0, 15, 40]), **packed}
+    arrays["slot_offsets"] = np.array([0, ends[14], ends[-1]])
+    cache_mod._write_shard(tmp_path / "s.safetensors", arrays)
+    shard = cache_mod.Shard(tmp_path / "s.safetensors")
+    parts = [shard.positions(e, k) for e in (0, 1)]
+    got_ids = np.concatenate([p[0] for p in parts])
+    got = np.concatenate([p[1] for p in parts])
+    assert got_ids.shape == got.shape == (40, k) and got_ids.dtype == np.int64
+    used = np.isfinite(got)
+    assert (used == (np.arange(k) < packed["counts"][:, None])).all()  # the used slots first
+    assert (got_ids[~used] == 0).all() and np.isneginf(got[~used]).all()
+    rows = _sparse_rows(torch.from_numpy(got_ids), torch.from_numpy(got))
+    for row, want in zip(rows, _sparse_rows(ids, lps), strict=True):
+        assert row.keys() == want.keys()
+        for t in row:  # 8 bits: within a code; float16: within its rounding
+            assert abs(row[t] - want[t]) <= (1 / 16 if bits == 8 else 1e-3 * abs(want[t]) + 1e-6)
+    if min_mass == 1.0 and tail == 0:
+        assert used.all()
+    if tail:  # the tail draws are all still there, after the top prefix
+        for r in range(40):
+            draws = {int(i) for i, lp in zip(ids[r, k - tail :], lps[r, k - tail :]) if lp > -1e9}
+            assert draws <= set(got_ids[r, used[r]][-len(draws) :].tolist())
+
+
+def test_eight_bit_log_probs_keep_the_mass_that_leaves_the_tail_bucket():
+    """Rounding each log-prob alone to the nearest code can push a position's kept mass past 1
+    (no tail left); the codes' error diffusion keeps each within a code and the sum right."""
+    torch.manual_seed(0)
+    lps = torch.log_softmax(torch.randn(500, 2000) * 2.5, -1).topk(64, -1).values
+    ref, codes = cache_mod.encode_logprobs(lps)
+    got = torch.from_numpy(cache_mod.decode_logprobs(codes.numpy(), ref.numpy()))
+    assert (got - lps).abs().max() <= 1 / 16 + 1e-3
+    nearest = ref.float()[:, None] - ((ref.float()[:, None] - lps) * 16).round() / 16
+    true_mass = lps.exp().sum(-1)
+    diffused = (got.exp().sum(-1) - true_mass).abs()
+    assert diffused.max() < 0.2 * (nearest.exp().sum(-1) - true_mass).abs().max()
+    assert diffused.max() < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"])
+def test_padded_slots_are_the_same_loss_and_gradient_as_no_slots(kind):
+    """The reader pads a position's dropped slots with token 0 at log-prob -inf: the loss and its
+    closed-form gradient equal those of the position's kept slots alone, also where token 0 is
+    one of them."""
+    from chatdistill.distill.loss_grads import loss_and_logit_grad
+
+    torch.manual_seed(3)
+    n, v, k = 6, 50, 8
+    z, t = torch.randn(n, v) * 3, torch.log_softmax(torch.randn(n, v) * 3, -1)
+    t[1, 0] = t[1].max() + 1  # token 0 is a kept token of position 1
+    top = torch.log_softmax(t, -1).topk(k, -1)
+    counts = [1, 3, 8, 5, 2, 7]
+    kept = torch.arange(k)[None] < torch.tensor(counts)[:, None]
+    padded = SparseLogprobs(
+        top.indices.masked_fill(~kept, 0), top.values.masked_fill(~kept, -torch.inf)
+    )
+    targets = torch.randint(0, v, (n,))
+    kw = {"weights": (0.3, 0.7), "beta": 0.4, "skew": 0.1, "temperature": 2.0}
+    got = loss_and_logit_grad(z, targets, padded, kind, **kw)
+    for r, c in enumerate(counts):
+        alone = SparseLogprobs(top.indices[r : r + 1, :c], top.values[r : r + 1, :c])
+        want = loss_and_logit_grad(z[r : r + 1], targets[r : r + 1], alone, kind, **kw)
+        torch.testing.assert_close(got[3][r], want[3][0], rtol=1e-4, atol=1e-6)
+        assert torch.isfinite(got[3][r]).all()
+    rows = per_token_divergence(z, padded, kind, beta=0.4, skew=0.1, temperature=2.0)
+    for r, c in enumerate(counts):
+        alone = SparseLogprobs(top.indices[r : r + 1, :c], top.values[r : r + 1, :c])
+        want = per_token_divergence(z[r : r + 1], alone, kind, beta=0.4, skew=0.1, temperature=2.0)
+        torch.testing.assert_close(rows[r], want[0], rtol=1e-5, atol=1e-6)
+
+
+def _as_version_1(src, dst):
+    """The same cache in the version-1 layout: (P, k) ids and float16 log-probs per shard."""
+    from safetensors.numpy import save_file
+
+    dst.mkdir()
+    meta = json.loads((src / "cache.json").read_text())
+    k = meta["top_k"]
+    for s in meta["shards"]:
+        shard = cache_mod.Shard(src / s["file"])
+        ids, lps = zip(*(shard.positions(e, k) for e in range(len(shard.keys))))
+        save_file(
+            {
+                "keys": np.asarray(shard.arrays["keys"]),
+                "offsets": np.asarray(shard.arrays["offsets"]),
+                "ids": np.concatenate(ids).astype(np.uint16),
+                "logprobs": np.concatenate(lps).astype(np.float16),
+            },
+            str(dst / s["file"]),
+            metadata={"format": cache_mod.FORMAT},
+        )
+    meta["version"], meta["logprob_dtype"] = 1, "float16"
+    del meta["min_mass"]
+    (dst / "cache.json").write_text(json.dumps(meta))
+
+
+def test_a_version_1_cache_is_still_read(tmp_path, fixed_cache, tokenizer_dir, chat_file):
+    old = tmp_path / "v1"
+    _as_version_1(fixed_cache, old)
+    assert "counts" not in cache_mod.Shard(old / "shard-00000.safetensors").arrays
+    data, batch = _batch(tokenizer_dir, chat_file)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    got = [
+        CachedTeacher.open(c, tok, data, temperature=1.0, max_length=512).targets(
+            batch, data.examples
+        )(slice(None))
+        for c in (old, fixed_cache)
+    ]
+    assert torch.equal(got[0].ids, got[1].ids) and torch.equal(got[0].logprobs, got[1].logprobs)
+
+
+def test_cache_teacher_refuses_to_resume_a_version_1_cache(
+    tmp_path, teacher, fixed_cache, chat_file, capsys
+):
+    old = tmp_path / "v1"
+    _as_version_1(fixed_cache, old)
+    args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(old)]
+    err = _cache_error(capsys, [*args, "--top-k", "8", "--min-mass", "1", "--logprob-bits", "16"])
+    assert "version-1 cache" in err and "choose a new --output or delete" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--min-mass", "0"], "--min-mass 0.0: must be above 0 and at most 1"),
+        (["--min-mass", "1.5"], "--min-mass 1.5: must be above 0 and at most 1"),
+        (["--min-mass", "nan"], "--min-mass nan: must be above 0 and at most 1"),
+    ],
+)
+def test_cache_teacher_min_mass_is_checked(
+    tmp_path, teacher, chat_file, capsys, monkeypatch, flags, message
+):
+    monkeypatch.setattr(cache_mod, "load_model", lambda *_: pytest.fail("loaded the teacher"))
+    args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(tmp_path / "c")]
+    assert _cache_error(capsys, [*args, *flags]).startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize(
+    ("setting", "word"), [({"min_mass": 0.99}, "min_mass"), ({"logprob_bits": 16}, "logprob")]
+)
+def test_resuming_with_another_compact_setting_is_refused(
+    teacher, small_cache, chat_file, setting, word
+):
+    with pytest.raises(UserError, match=f"holds a cache with another {word}"):
+        write_cache(str(teacher), str(chat_file), str(small_cache), top_k=8, shard_positions=400,
+                    **setting)  # fmt: skip
+
+
+def test_cache_teacher_help_states_write_caches_defaults():
+    from chatdistill.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.choices and "cache-teacher" in a.choices)
+    helps = {a.dest: a.help for a in sub.choices["cache-teacher"]._actions}
+    defaults = inspect.signature(write_cache).parameters
+    assert f"default: {defaults['min_mass'].default:g}" in helps["min_mass"]
+    assert f"default: {defaults['logprob_bits'].default})" in helps["logprob_bits"]

@@ -62,7 +62,8 @@ def add_cache_teacher(sub: argparse._SubParsersAction) -> None:
         "cache-teacher",
         help="run the teacher once and store its top-k log-probs for `distill --teacher-cache`",
         description="Render the data as the trainer does, run the teacher over it in batches and "
-        "store the top-k log-probs of every loss position in memory-mapped shards. With --config, "
+        "store the top-k log-probs of every loss position in memory-mapped shards (each position "
+        "keeps the top tokens holding --min-mass of their mass). With --config, "
         "the teacher, data, temperature, max length and output not given as flags come from the "
         "distill recipe, so the cache matches it. Resumable: rerun the same command to finish a "
         "killed run.",
@@ -79,6 +80,18 @@ def add_cache_teacher(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="of the k slots, fill this many with tokens sampled from outside the top, so the "
         "forward KL from the cache is unbiased for the full vocabulary (default: 0)",
+    )
+    p.add_argument(
+        "--min-mass",
+        type=float,
+        help="per position, keep the fewest top tokens holding this share of the top-k's "
+        "probability mass; the rest joins the tail bucket (1 keeps all k; default: 0.999)",
+    )
+    p.add_argument(
+        "--logprob-bits",
+        type=int,
+        choices=(8, 16),
+        help="bits per stored log-prob: 8 (codes 1/16 nat apart) or 16 (float16) (default: 8)",
     )
     p.add_argument(
         "--temperature",
@@ -134,8 +147,11 @@ def _run_cache_teacher(args: argparse.Namespace) -> None:
 
     settings = _cache_settings(args)
     args.output = settings["output"]  # so a refused or failed write names the recipe's output
+    # Left unset, they take write_cache's defaults.
+    compact = {"min_mass": args.min_mass, "logprob_bits": args.logprob_bits}
     meta = write_cache(
         **settings,
+        **{k: v for k, v in compact.items() if v is not None},
         top_k=args.top_k,
         tail_samples=args.tail_samples,
         batch_size=args.batch_size,

@@ -1,17 +1,38 @@
 """Teacher cache: run the teacher once, store its top-k log-probs per loss position, train from it.
 
-Layout of a cache directory:
+Layout of a cache directory (version 2):
 
     cache.json              settings, fingerprints, the shard plan and which shards are complete
-    shard-00000.safetensors keys (E, 16) uint8, offsets (E+1,) int64,
-                            ids (P, k) uint16 or int32, logprobs (P, k) float16
+    shard-00000.safetensors per example:  keys (E, 16) uint8; offsets (E+1,) int64 into the
+                                          positions; slot_offsets (E+1,) int64 into the slots
+                            per position: counts (P,) uint8 (uint16 when k > 255), the slots it
+                                          keeps; ref (P,) float16, its largest log-prob (8-bit
+                                          log-probs only)
+                            per slot:     ids (S,) uint16 (int32 past 65,536 tokens);
+                                          logprobs (S,) uint8 codes or float16
 
-E examples, P loss positions (t such that token t+1 carries loss, in order, per example). An
-example is found by a content key (a hash of its input_ids and labels), so the trainer's own
-split and shuffling do not matter. Log-probs are at the cache's temperature; the tail bucket is
-1 - Σ exp(top-k), computed by the loss. Shards are read through memory maps; each is written to a
-temporary name, fsynced and renamed, and `cache.json` lists it only afterwards, so a killed run
-resumes at the first incomplete shard and never reads half a file.
+E examples, P loss positions (t such that token t+1 carries loss, in order, per example), S slots.
+Example e owns positions offsets[e]:offsets[e+1] and slots slot_offsets[e]:slot_offsets[e+1];
+position p's counts[p] slots follow each other, so an example is a memory-mapped slice of each
+array. An example is found by a content key (a hash of its input_ids and labels), so the trainer's
+own split and shuffling do not matter.
+
+Which slots a position keeps (`sparse_targets`): of its top k-m tokens (m = tail samples) the
+smallest prefix holding at least `min_mass` of their probability mass (at least one token; all of
+them at min_mass 1), then its m tail samples; slots holding no mass (merged repeat draws, the cut
+top tokens) are not stored. The reader pads each position back to k slots with log-prob -inf
+(token id 0), which the loss treats as unused: the mass a position does not keep is part of its
+tail bucket, 1 - Σ exp(kept), as the mass outside the top-k always was. Log-probs are at the
+cache's temperature. 8-bit log-probs are codes below the position's largest log-prob,
+logprob = ref - code/16 (code 255: -inf), each rounded up or down so that the kept mass, and so
+the tail bucket, stays as close to the teacher's as the codes allow (error diffusion).
+
+Version-1 caches (ids (P, k) and float16 logprobs (P, k) per shard, every position k slots) are
+read as before; new caches are written as version 2.
+
+Shards are read through memory maps; each is written to a temporary name, fsynced and renamed, and
+`cache.json` lists it only afterwards, so a killed run resumes at the first incomplete shard and
+never reads half a file.
 """
 
 import hashlib
@@ -52,11 +73,20 @@ from chatdistill.models import (
 from chatdistill.progress import RateBar
 
 FORMAT = "chatdistill-teacher-cache"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META = "cache.json"
-SHARD_POSITIONS = 1 << 19  # ~128 MiB per shard at k=64 with uint16 ids
+SHARD_POSITIONS = 1 << 19  # at most ~128 MiB per shard at k=64 with uint16 ids
+MIN_MASS = 0.999  # share of the top tokens' mass each position keeps (see `sparse_targets`)
+LOGPROB_BITS = 8
+LOGPROB_STEP = 1 / 16  # nats per 8-bit code: part of the version-2 format
+_UNUSED_CODE = 255  # the 8-bit code of log-prob -inf
 _DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "F16": np.float16}
 _KEY_BYTES = 16
+_ARRAYS = {
+    1: ("keys", "offsets", "ids", "logprobs"),
+    2: ("keys", "offsets", "slot_offsets", "counts", "ids", "logprobs"),
+}
 
 
 def example_key(ex: Example) -> bytes:
@@ -69,6 +99,11 @@ def example_key(ex: Example) -> bytes:
 def id_dtype(vocab_size: int) -> type:
     """Smallest integer type that holds every token id."""
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+def count_dtype(top_k: int) -> type:
+    """Smallest integer type that holds a position's number of slots."""
+    return np.uint8 if top_k <= 255 else np.uint16 if top_k <= 65535 else np.int32
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -85,9 +120,19 @@ def read_meta(cache_dir: str | Path) -> dict:
         meta = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: corrupt ({e.msg}); rebuild the cache with cache-teacher") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise UserError(f"{p}: not a version-{VERSION} chatdistill teacher cache; rebuild it")
+    if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
+        raise UserError(
+            f"{p}: not a chatdistill teacher cache of version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}; rebuild it"
+        )
     return meta
+
+
+def decode_logprobs(codes: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Log-probs (n, k) float32 from 8-bit codes (n, k) below each row's ref (n,); 255 is -inf."""
+    out = ref.astype(np.float32)[:, None] - codes.astype(np.float32) * np.float32(LOGPROB_STEP)
+    out[codes == _UNUSED_CODE] = -np.inf
+    return out
 
 
 class Shard:
@@ -105,11 +150,13 @@ class Shard:
                 if size < 8 + n:
                     raise ValueError("header runs past the end of the file")
                 header = json.loads(f.read(n))
+            self.version = 2 if "counts" in header else 1
             self.arrays = {}
             need = 8 + n + max(v["data_offsets"][1] for k, v in header.items() if k[0] != "_")
             if size < need:
                 raise ValueError(f"{size} bytes, expected {need}")
-            for name in ("keys", "offsets", "ids", "logprobs"):
+            names = _ARRAYS[self.version] + (("ref",) if "ref" in header else ())
+            for name in names:
                 spec = header[name]
                 a, _ = spec["data_offsets"]
                 shape = tuple(spec["shape"])
@@ -118,14 +165,48 @@ class Shard:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: truncated or corrupt shard ({e}); {redo}") from None
         self.keys = [bytes(k) for k in self.arrays["keys"]]
-        offsets = self.arrays["offsets"]
-        if len(offsets) != len(self.keys) + 1 or offsets[-1] != self.arrays["ids"].shape[0]:
+        offsets, ids = self.arrays["offsets"], self.arrays["ids"]
+        ok = len(offsets) == len(self.keys) + 1
+        if self.version == 1:
+            ok = ok and offsets[-1] == ids.shape[0]
+        else:
+            slots, counts = self.arrays["slot_offsets"], self.arrays["counts"]
+            ok = ok and len(slots) == len(offsets) and offsets[-1] == counts.shape[0]
+            ok = ok and slots[-1] == ids.shape[0] == self.arrays["logprobs"].shape[0]
+            eight_bit = self.arrays["logprobs"].dtype == np.uint8
+            ok = ok and eight_bit == ("ref" in self.arrays)
+            ok = ok and (not eight_bit or self.arrays["ref"].shape == counts.shape)
+        if not ok:
             raise UserError(f"{path}: corrupt shard (offsets do not match the data); {redo}")
 
-    def positions(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """Example e's (ids (n, k), logprobs (n, k)) views."""
+    def positions(self, e: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example e's (ids (n, k) int64, logprobs (n, k) float32) for a cache of top-k; the slots
+        a position does not keep have id 0 and log-prob -inf."""
         a, b = int(self.arrays["offsets"][e]), int(self.arrays["offsets"][e + 1])
-        return self.arrays["ids"][a:b], self.arrays["logprobs"][a:b]
+        corrupt = UserError(
+            f"{self.path}: corrupt shard (slot counts do not match the data); delete it and "
+            "rerun `chatdistill cache-teacher` with the same arguments"
+        )
+        if self.version == 1:
+            ids, lps = self.arrays["ids"][a:b], self.arrays["logprobs"][a:b]
+            if ids.shape[1] != k:
+                raise corrupt
+            return ids.astype(np.int64), lps.astype(np.float32)
+        sa, sb = int(self.arrays["slot_offsets"][e]), int(self.arrays["slot_offsets"][e + 1])
+        counts = self.arrays["counts"][a:b].astype(np.int64)
+        if b > a and (counts.min() < 1 or counts.max() > k or counts.sum() != sb - sa):
+            raise corrupt
+        kept = np.arange(k) < counts[:, None]
+        ids = np.zeros((b - a, k), np.int64)
+        ids[kept] = self.arrays["ids"][sa:sb]
+        if "ref" not in self.arrays:
+            lps = np.full((b - a, k), -np.inf, np.float32)
+            lps[kept] = self.arrays["logprobs"][sa:sb]
+        else:
+            codes = np.full((b - a, k), _UNUSED_CODE, np.uint8)
+            codes[kept] = self.arrays["logprobs"][sa:sb]
+            lps = decode_logprobs(codes, self.arrays["ref"][a:b])
+        return ids, lps
 
 
 class CachedTeacher:
@@ -212,8 +293,9 @@ class CachedTeacher:
         if found is None:
             raise UserError(f"{self.path}: a conversation is not in the cache; rebuild it")
         shard = self.shards[found[0]]
-        ids, logprobs = shard.positions(found[1])
-        if len(ids) != ex.n_loss_positions or (len(ids) and int(ids.max()) >= self.vocab_size):
+        ids, logprobs = shard.positions(found[1], self.meta["top_k"])
+        bad_id = len(ids) and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0)
+        if len(ids) != ex.n_loss_positions or bad_id:
             raise UserError(
                 f"{shard.path}: corrupt shard (positions do not match the conversation); delete "
                 "it and rerun `chatdistill cache-teacher` with the same arguments"
@@ -223,11 +305,12 @@ class CachedTeacher:
     def targets(
         self, batch: dict[str, torch.Tensor], examples: list[Example]
     ) -> Callable[[slice], SparseLogprobs]:
-        """Sparse targets for the batch's loss positions, row-major: ids (N, k), logprobs (N, k)."""
+        """Sparse targets for the batch's loss positions, row-major: ids (N, k), logprobs (N, k),
+        with log-prob -inf (id 0) in the slots a position does not keep."""
         parts = [self._lookup(ex) for ex in examples]
         device = batch["input_ids"].device
-        ids = torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.int64))
-        logprobs = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.float32))
+        ids = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        logprobs = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         n = int(loss_positions(batch["labels"]).sum())
         if ids.shape[0] != n:
             raise UserError(f"{self.path}: cache has {ids.shape[0]} positions for a batch of {n}")
@@ -256,12 +339,19 @@ def _plan(examples: list[Example], shard_positions: int) -> list[dict]:
 
 
 def sparse_targets(
-    logits: torch.Tensor, k: int, tail_samples: int = 0, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    k: int,
+    tail_samples: int = 0,
+    generator: torch.Generator | None = None,
+    min_mass: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse teacher targets from logits (already divided by the temperature) -> ids, logprobs
     (n, k).
 
     Without tail samples: the top-k log-probs; the loss treats the rest as one tail bucket.
+    min_mass < 1 keeps of the top tokens only the smallest prefix holding min_mass of their mass
+    (at least the first): the others get log-prob -inf, so their mass joins the tail bucket. A
+    position drops at most 1 - min_mass of its probability that way, wherever its top-k stands.
     With m tail samples: the top k-m tokens exactly, plus m draws (with replacement) from the
     teacher's distribution over the other tokens, each draw carrying 1/m of their mass (repeated
     draws merged; the freed slots get log-prob -inf). The stored probabilities then sum to one
@@ -271,8 +361,13 @@ def sparse_targets(
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = logp.topk(k - tail_samples, dim=-1)
+    values = top.values
+    if min_mass < 1:
+        p = values.exp()
+        before = p.cumsum(-1) - p  # mass of the slots ahead of each one
+        values = values.masked_fill(before >= min_mass * p.sum(-1, keepdim=True), float("-inf"))
     if tail_samples == 0:
-        return top.indices, top.values
+        return top.indices, values
     # Tokens outside the top: their probabilities (a floor keeps all-zero rows drawable).
     rest = (logp.exp() + 1e-30).scatter(-1, top.indices, 0.0)
     mass = rest.sum(-1, keepdim=True)
@@ -282,7 +377,7 @@ def sparse_targets(
     first = ~(same & earlier).any(-1)
     share = (mass * same.sum(-1) / tail_samples).log()
     logprobs = torch.where(first, share, torch.full_like(share, float("-inf")))
-    return torch.cat([top.indices, draws], -1), torch.cat([top.values, logprobs], -1)
+    return torch.cat([top.indices, draws], -1), torch.cat([values, logprobs], -1)
 
 
 @torch.no_grad()
@@ -293,10 +388,63 @@ def _teacher_sparse(base, head, batch: dict, vocab: int, meta: dict, generator, 
     ids, lps = [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = head(hidden[s : s + chunk])[:, :vocab].float() / meta["temperature"]
-        i, lp = sparse_targets(logits, meta["top_k"], meta["tail_samples"], generator)
+        i, lp = sparse_targets(
+            logits, meta["top_k"], meta["tail_samples"], generator, meta["min_mass"]
+        )
         ids.append(i.cpu())
         lps.append(lp.cpu())
     return torch.cat(ids), torch.cat(lps)
+
+
+def encode_logprobs(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes of log-probs (n, k) -> ref (n,) float16, codes (n, k) uint8.
+
+    ref is each row's largest log-prob and code c stands for ref - c·LOGPROB_STEP (254 at most,
+    16 nats below ref); -inf is code 255. Going along the row, each value is rounded up or down,
+    whichever keeps the running sum of the decoded probabilities closer to the true one, so the
+    row's total, and with it the tail bucket the loss derives from it, stays right within about
+    one step of the last slot's probability, where rounding each alone could push it past 1.
+    """
+    lps = logprobs.float()
+    finite = torch.isfinite(lps)
+    top = lps.max(-1).values
+    ref = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).half()
+    r = ref.float()
+    d = ((r[:, None] - lps) / LOGPROB_STEP).clamp(0, _UNUSED_CODE - 1)
+    lo, hi = d.floor(), d.ceil()
+    p = lps.exp()
+    codes = torch.empty_like(lps)
+    carry = torch.zeros_like(r)  # decoded minus true mass so far
+    for j in range(lps.shape[1]):
+        q_lo = (r - lo[:, j] * LOGPROB_STEP).exp()
+        q_hi = (r - hi[:, j] * LOGPROB_STEP).exp()
+        up = (carry + q_lo - p[:, j]).abs() <= (carry + q_hi - p[:, j]).abs()
+        codes[:, j] = torch.where(up, lo[:, j], hi[:, j])
+        q = torch.where(up, q_lo, q_hi)
+        carry = torch.where(finite[:, j], carry + q - p[:, j], carry)
+    codes = codes.masked_fill(~finite, _UNUSED_CODE)
+    return ref, codes.to(torch.uint8)
+
+
+def pack_slots(
+    ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, logprob_bits: int
+) -> dict[str, np.ndarray]:
+    """Sparse targets (n, k), -inf in unused slots -> the per-position and per-slot arrays of a
+    version-2 shard: counts (n,), ref (n,) (8-bit log-probs only), ids (S,), logprobs (S,).
+
+    A position keeps its slots with a finite log-prob, in order (its first slot always)."""
+    kept = torch.isfinite(logprobs)
+    kept[:, :1] = True
+    out = {
+        "counts": kept.sum(-1).numpy().astype(count_dtype(ids.shape[1])),
+        "ids": ids[kept].numpy().astype(id_dtype(vocab)),
+    }
+    if logprob_bits == 8:
+        ref, codes = encode_logprobs(logprobs)
+        out["ref"], out["logprobs"] = ref.numpy(), codes[kept].numpy()
+    else:
+        out["logprobs"] = logprobs[kept].numpy().astype(np.float16)
+    return out
 
 
 def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -323,7 +471,8 @@ def _shard_ok(path: Path) -> bool:
 
 
 _SETTINGS = ("teacher_fingerprint", "tokenizer_fingerprint", "dataset_sha256", "top_k")
-_SETTINGS += ("temperature", "tail_samples", "max_length", "shard_positions")
+_SETTINGS += ("temperature", "tail_samples", "max_length", "shard_positions", "min_mass")
+_SETTINGS += ("logprob_dtype",)
 
 
 def write_cache(
@@ -339,11 +488,20 @@ def write_cache(
     device: str | None = None,
     progress: bool = True,
     teacher_adapter: str | None = None,
+    min_mass: float = MIN_MASS,
+    logprob_bits: int = LOGPROB_BITS,
 ) -> dict:
-    """Run the teacher over the data once and write (or finish) the cache; return its metadata."""
+    """Run the teacher over the data once and write (or finish) the cache; return its metadata.
+
+    Each position keeps the smallest prefix of its top tokens holding `min_mass` of their mass
+    (1: all k; see `sparse_targets`), with log-probs in `logprob_bits` (8 or 16) bits."""
     teacher = resolve(teacher, "teacher", adapter=teacher_adapter)
     if top_k < 1 or shard_positions < 1:
         raise UserError("--top-k and shard size must be at least 1")
+    if not 0 < min_mass <= 1:
+        raise UserError(f"--min-mass {min_mass}: must be above 0 and at most 1 (1 keeps all k)")
+    if logprob_bits not in (8, 16):
+        raise UserError(f"--logprob-bits {logprob_bits}: must be 8 or 16")
     # The recipe's ranges, so a cache is only written with settings a recipe can read it with.
     check_flag("--temperature", temperature, LossConfig, "temperature")
     check_flag("--max-length", max_length, DataConfig, "max_length")
@@ -356,6 +514,11 @@ def write_cache(
     out = Path(output)
     if not (out / META).is_file():  # an existing cache is resumed; nothing else is written over
         refuse_model_dir(out, "--output")
+    elif (old_version := read_meta(out)["version"]) != VERSION:
+        raise UserError(
+            f"{out} holds a version-{old_version} cache, which distill still reads but "
+            "cache-teacher no longer writes; choose a new --output or delete that directory"
+        )
     # What atomic.replacing left when the run was killed mid-write (`.NAME.tmp`).
     removed = sorted([*out.glob(".shard-*.safetensors.tmp"), *out.glob(f".{META}.tmp")])
     for p in removed:
@@ -391,13 +554,16 @@ def write_cache(
         "max_length": max_length,
         "shard_positions": shard_positions,
         "id_dtype": np.dtype(id_dtype(vocab)).name,
-        "logprob_dtype": "float16",
+        "min_mass": min_mass,
+        "logprob_dtype": "uint8" if logprob_bits == 8 else "float16",
         "examples": len(examples),
         "dropped_by_truncation": dropped,
         "tokens": sum(len(ex.input_ids) for ex in examples),
         "shards": _plan(examples, shard_positions),
         "completed": [],
     }
+    if logprob_bits == 8:
+        meta["logprob_step"] = LOGPROB_STEP
     if (out / META).is_file():
         old = read_meta(out)
         for key in _SETTINGS:
@@ -442,15 +608,24 @@ def _shard_arrays(exs, model, tokenizer, vocab, meta, batch_size, gen, bar) -> d
         chunk = [exs[i] for i in idx]
         batch = {n: t.to(device) for n, t in collate(chunk, tokenizer.pad_token_id).items()}
         ids, lps = _teacher_sparse(base, head, batch, vocab, meta, gen, 1024)
-        counts = loss_positions(batch["labels"]).sum(1).tolist()
-        for i, a, n in zip(idx, np.cumsum([0] + counts[:-1]), counts, strict=True):
-            got[i] = (ids[a : a + n], lps[a : a + n])
+        packed = pack_slots(ids, lps, vocab, 8 if meta["logprob_dtype"] == "uint8" else 16)
+        starts = np.concatenate([[0], np.cumsum(packed["counts"], dtype=np.int64)])
+        positions = loss_positions(batch["labels"]).sum(1).tolist()
+        for i, a, n in zip(idx, np.cumsum([0] + positions[:-1]), positions, strict=True):
+            per_position = {k: v[a : a + n] for k, v in packed.items() if k in ("counts", "ref")}
+            slot = slice(starts[a], starts[a + n])
+            got[i] = {
+                **per_position,
+                "ids": packed["ids"][slot],
+                "logprobs": packed["logprobs"][slot],
+            }
         n_tokens = sum(len(ex.input_ids) for ex in chunk)
         bar.advance(n_tokens, n_tokens)
-    sizes = [len(g[0]) for g in got]
+    sizes = [len(g["counts"]) for g in got]
+    slots = [len(g["ids"]) for g in got]
     return {
         "keys": np.frombuffer(b"".join(example_key(ex) for ex in exs), np.uint8).reshape(-1, 16),
         "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-        "ids": torch.cat([g[0] for g in got]).numpy().astype(id_dtype(vocab)),
-        "logprobs": torch.cat([g[1] for g in got]).numpy().astype(np.float16),
+        "slot_offsets": np.concatenate([[0], np.cumsum(slots)]).astype(np.int64),
+        **{k: np.concatenate([g[k] for g in got]) for k in got[0]},
     }
