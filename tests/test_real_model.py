@@ -13,7 +13,7 @@ from serve_helpers import running_server
 from transformers import AutoModelForCausalLM
 
 from chatdistill.cli import main
-from chatdistill.distill.cache import read_meta
+from chatdistill.distill.cache import Shard, read_meta
 from chatdistill.inference.engine import Engine, SamplingParams
 from chatdistill.models import gguf as gguf_module
 from chatdistill.models import resolve
@@ -109,6 +109,11 @@ def test_cache_teacher_at_the_49k_vocabulary(smol, rows_file, tmp_path, capsys):
     meta = read_meta(out)
     assert meta["vocab_size"] == 49152 and meta["top_k"] == 16
     assert meta["teacher_source"]["quantization"] == "Q4_1"
+    # Compact: uint16 ids, 8-bit log-probs, and some positions keep fewer than k slots.
+    assert (meta["version"], meta["id_dtype"], meta["logprob_dtype"]) == (2, "uint16", "uint8")
+    shard = Shard(out / meta["shards"][0]["file"])
+    positions = len(shard.arrays["counts"])
+    assert len(shard.arrays["ids"]) < 16 * positions and shard.arrays["counts"].min() >= 1
 
 
 def test_generate_data_answers_with_the_gguf_teacher(smol, rows_file, tmp_path, capsys):
