@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from chatdistill.data import load_rows, render_example
 from chatdistill.demo.build import FACTS, facts_missing, write_demo_assets
 from chatdistill.demo.chatterbot import convert_chatterbot
-from chatdistill.demo.data import demo_asset_dir, labelled_subset, load_demo_split
+from chatdistill.demo.data import SPLITS, demo_asset_dir, labelled_subset, load_demo_split
 from chatdistill.demo.questions import FOLLOW_UPS, QUESTIONS
 from chatdistill.demo.support import build_support_data
 from chatdistill.errors import UserError
@@ -142,8 +142,8 @@ def test_shipped_files_equal_a_fresh_build(tmp_path):
     shipped_dir = demo_asset_dir()
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     shipped = [p.relative_to(shipped_dir) for p in shipped_dir.rglob("*") if p.is_file()]
-    # teacher/ is made by scripts/train_demo_teacher.py, not by the data build.
-    ours = sorted(p for p in shipped if p.parts[0] != "teacher")
+    # teacher_adapter/ is made by scripts/train_teacher_adapter.py, not by the data build.
+    ours = sorted(p for p in shipped if p.parts[0] != "teacher_adapter")
     assert fresh == ours
     for rel in fresh:
         assert (tmp_path / rel).read_bytes() == (shipped_dir / rel).read_bytes(), rel
@@ -197,3 +197,18 @@ def test_reading_shipped_data_runs_no_generator():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["chatdistill.demo", "chatdistill.demo.data"]
+
+
+def test_grounded_support_rows_carry_the_notes_that_state_their_answer():
+    from chatdistill.demo.grounding import GROUNDED_PROMPT, ground_row
+
+    for split in SPLITS:
+        for row in load_demo_split(split):
+            grounded = ground_row(row)
+            if row["source"] != "support":
+                assert grounded is row
+                continue
+            system, *rest = grounded["messages"]
+            assert system["role"] == "system" and system["content"].startswith(GROUNDED_PROMPT)
+            assert row["answer"] in system["content"].removeprefix(GROUNDED_PROMPT)
+            assert rest == [m for m in row["messages"] if m["role"] != "system"]
