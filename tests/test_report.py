@@ -110,7 +110,10 @@ def test_headline_puts_size_and_speed_against_the_teacher(results):
     assert student["held-out CE"] == "2.500" and student["kept"] == "97.2%"
     lines = text_table(headers, rows).splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines[:2]}) == 1
-    assert lines[3].startswith("student ") and lines[3].endswith("97.2%")
+    assert lines[3].startswith("student ") and "97.2%" in lines[3]
+    fidelity = results.models[1].fidelity
+    assert student["agree %"] == f"{fidelity.top1_agreement:.1f}"
+    assert student["KL"] == f"{fidelity.kl:.3f}" and by_name["big"]["KL"] == "–"
 
 
 def test_tables_cover_quality_fidelity_kept_and_cost(results):

@@ -50,6 +50,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-model-card", action="store_true", help="write no model cards")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument(
+        "--fidelity-on",
+        choices=["references", "teacher"],
+        default="references",
+        help="tokens KL and agreement to the teacher are measured on: the test answers "
+        "(default) or the teacher's own greedy answers",
+    )
     add_draft_flags(p)
     p.set_defaults(func=_run_eval)
 
@@ -80,6 +87,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         draft=args.draft,
         draft_tokens=args.draft_tokens,
+        fidelity_on=args.fidelity_on,
     )
     # soft_wrap: a progress line naming a long path stays one line in a log file.
     console = Console(stderr=True, soft_wrap=True)

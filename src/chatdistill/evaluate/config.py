@@ -45,10 +45,22 @@ class EvalConfig:
     """a draft model for the teacher: its speculative decoding speed is measured too"""
     draft_tokens: int = 4
     """tokens the draft proposes per step"""
+    names: list[str] | None = None
+    """names shown for teacher, students and baseline, in that order (default: their folder
+    names)"""
+    fidelity_on: str = "references"
+    """tokens KL and top-1 agreement to the teacher are measured on: "references" (the test
+    answers) or "teacher" (the teacher's own greedy answers to the test prompts: how closely a
+    student follows the teacher where the teacher is sure of itself)"""
+
+
+FIDELITY_ON = ("references", "teacher")
 
 
 def check_counts(cfg: EvalConfig) -> None:
-    """Refuse counts below one before anything is loaded."""
+    """Refuse counts below one (and unknown choices) before anything is loaded."""
+    if cfg.fidelity_on not in FIDELITY_ON:
+        raise UserError(f"--fidelity-on {cfg.fidelity_on}: use one of {', '.join(FIDELITY_ON)}")
     for flag, value in (
         ("--max-samples", cfg.max_samples),
         ("--max-new-tokens", cfg.max_new_tokens),

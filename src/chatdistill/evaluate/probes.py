@@ -20,12 +20,14 @@ WEIGHT_SUFFIXES = (
 )  # fmt: skip
 
 
-def weights_size(path: str | Path) -> int:
+def weights_size(path: str | Path, base: str | Path | None = None) -> int:
     """Bytes of weight files (safetensors, bin, ...) directly in a model directory, or of a model
-    file (a GGUF file is what its user ships and loads)."""
+    file (a GGUF file is what its user ships and loads); with `base` (an adapter's base model),
+    the base's too: what it takes to ship the model."""
     p = Path(path)
-    files = [p] if p.is_file() else list(p.iterdir())
-    return sum(f.stat().st_size for f in files if f.name.endswith(WEIGHT_SUFFIXES))
+    files = [p] if p.is_file() else list(p.iterdir()) if p.is_dir() else []  # a hub id: none
+    own = sum(f.stat().st_size for f in files if f.name.endswith(WEIGHT_SUFFIXES))
+    return own + (weights_size(base) if base is not None else 0)
 
 
 def speed_probe(engine, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> dict:

@@ -108,6 +108,12 @@ def kept_note(results: EvalResult) -> str:
     )
 
 
+FIDELITY_NOTES = {
+    "references": "On the reference assistant tokens.",
+    "teacher": "On the teacher's own greedy answers to the test prompts.",
+}
+
+
 def tables(results: EvalResult) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, note, headers, rows) for each summary table; cells are formatted strings."""
     models = results.models
@@ -129,7 +135,7 @@ def tables(results: EvalResult) -> list[tuple[str, str, list[str], list[list[str
         out.append(
             (
                 "Fidelity to the teacher",
-                "On the reference assistant tokens.",
+                FIDELITY_NOTES[results.settings.fidelity_on],
                 *build(FIDELITY, others),
             )
         )
@@ -146,10 +152,11 @@ def _ratio(x: float | None, base: float | None) -> str:
 
 def headline(results: EvalResult) -> tuple[list[str], list[list[str]]]:
     """One row per model with what a distillation is judged on: its size, speed and memory
-    against the teacher's, and the quality it kept (held-out CE, answer accuracy)."""
+    against the teacher's, the quality it kept (held-out CE, answer accuracy) and how closely it
+    follows the teacher (top-1 agreement and KL, on the tokens `fidelity_on` names)."""
     t_cost = results.teacher.cost
     headers = ["model", "params", "disk MB", "peak MB", "decode tok/s", "speed", "held-out CE",
-               "accuracy %", "kept"]  # fmt: skip
+               "accuracy %", "kept", "agree %", "KL"]  # fmt: skip
     rows = []
     for m in results.models:
         cost, quality = m.cost, m.quality
@@ -164,6 +171,8 @@ def headline(results: EvalResult) -> tuple[list[str], list[list[str]]]:
             _num(quality.ce, 3),
             _num(quality.accuracy, 1),
             pct(kept_value(m, "accuracy")) if m.role != "teacher" else DASH,
+            _num(_fidelity(m, "top1_agreement"), 1),
+            _num(_fidelity(m, "kl"), 3),
         ])  # fmt: skip
     return headers, rows
 

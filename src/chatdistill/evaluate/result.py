@@ -31,7 +31,8 @@ class Quality:
 
 @dataclass
 class Fidelity:
-    """Against the teacher, on the reference assistant tokens (not measured for the teacher)."""
+    """Against the teacher (not measured for the teacher itself): KL and agreement on the tokens
+    `Settings.fidelity_on` names, the reference answers' by default."""
 
     kl: float
     """KL(teacher || model), token-weighted mean"""

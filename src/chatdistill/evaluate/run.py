@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from chatdistill.data import load_rows, render_prompt
+from chatdistill.data import load_rows, render_example, render_prompt
+from chatdistill.errors import UserError
 from chatdistill.evaluate import report, scores
 from chatdistill.evaluate.answering import answer_all, text_quality
 from chatdistill.evaluate.card import write_model_card
@@ -89,16 +90,21 @@ def _evaluate_one(
     teacher's model and answers. Returns them with its answers and the number of scored tokens."""
     examples = [it.example for it in items if it.example is not None]
     pad = engine.tokenizer.pad_token_id  # the loader always sets one
-    sums = score(engine.model, examples, cfg.batch_size, pad, teacher, vocab)
+    on_refs = cfg.fidelity_on == "references"
+    sums = score(engine.model, examples, cfg.batch_size, pad, teacher if on_refs else None, vocab)
     answers = answer_all(engine, [it.prompt for it in items], cfg)
     quality = Quality(
         ce=sums.ce, perplexity=scores.perplexity(sums.ce), **text_quality(answers, items)
     )
     fidelity = None
     if teacher is not None:
+        fid = sums
+        if not on_refs:
+            own = teacher_answer_examples(engine.tokenizer, items, teacher_answers, cfg)
+            fid = score(engine.model, own, cfg.batch_size, pad, teacher, vocab)
         fidelity = Fidelity(
-            kl=sums.kl_mean,
-            top1_agreement=sums.agreement,
+            kl=fid.kl_mean,
+            top1_agreement=fid.agreement,
             rouge_l_vs_teacher=scores.mean_rouge_l(answers, teacher_answers),
         )
     speed_ids = [prompt_ids(engine, it.prompt, cfg.speed_new_tokens) for it in items]
@@ -107,6 +113,19 @@ def _evaluate_one(
         **speed_probe(engine, speed_ids[: cfg.speed_prompts], cfg.speed_new_tokens),
     }
     return quality, fidelity, cost, answers, sums.tokens
+
+
+def teacher_answer_examples(tokenizer, items: list[TestItem], answers: list[str], cfg) -> list:
+    """The test prompts with the teacher's greedy answers as the assistant turn, for scoring
+    fidelity on them (empty answers and conversations over max_length left out)."""
+    out = []
+    for it, answer in zip(items, answers, strict=True):
+        if answer.strip():
+            messages = [*it.prompt, {"role": "assistant", "content": answer}]
+            ex = render_example(tokenizer, messages, cfg.max_length)
+            if ex is not None:
+                out.append(ex)
+    return out
 
 
 def _kept(student: Quality, teacher: Quality, baseline: Quality | None) -> Kept:
@@ -172,7 +191,9 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
     items = prepare_items(
         rows, teacher.tokenizer, min(cfg.max_length, teacher.context_length), cfg.data
     )
-    names = model_names([p for _, p, _ in roles])
+    names = cfg.names or model_names([p for _, p, _ in roles])
+    if len(names) != len(roles) or len(set(names)) != len(names):
+        raise UserError(f"names {names}: give {len(roles)} distinct names, one per model")
     models: list[ModelResult] = []
     answers: dict[str, list[str]] = {}
     for (role, path, _), name in zip(roles, names, strict=True):
@@ -186,8 +207,10 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
                 engine, items, cfg, teacher.model, vocab, answers[names[0]]
             )
             _free(engine)
-        cost = Cost(**cost, size_on_disk_bytes=weights_size(path))
-        source = sources[path].record()
+        src = sources[path]
+        own = src.adapter or path
+        cost = Cost(**cost, size_on_disk_bytes=weights_size(own, src.base))
+        source = src.record()
         models.append(ModelResult(name, role, str(path), quality, fidelity, cost, source=source))
         answers[name] = ans
     speculative = None
