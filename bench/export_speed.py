@@ -1,8 +1,8 @@
-"""Edge export: ONNX Runtime GenAI (fp32, int8, int4) vs the PyTorch model, on the demo's models.
+"""Edge export: ONNX Runtime GenAI (fp32, int8, int4) vs the PyTorch model, on the demo's student.
 
-For the bundled teacher and the demo's KD student (runs/demo/kd_student, made by `make demo`),
-each precision is exported with `export.onnx.export_onnx` and checked with `check_export`
-on the first --chats conversations of the demo's test split: greedy answers of up to 48 tokens at
+For the demo's KD student (runs/demo/kd_student, made by `make demo`), each precision is exported
+with `export.onnx.export_onnx` and checked with `check_export` on the first --chats
+conversations of the demo's (grounded) test split: greedy answers of up to 48 tokens at
 batch 1 from PyTorch (the baseline, measured in the same call) and from the export. Reported per
 export: weights on disk, decode tokens/s and its ratio to PyTorch's, identical answers, next-token
 agreement on the model's own answers, and answer accuracy of both.
@@ -25,7 +25,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 from chatdistill.data import load_rows, split_prompt_reference  # noqa: E402
-from chatdistill.demo.data import demo_asset_dir  # noqa: E402
 from chatdistill.export.onnx import check_export, export_onnx  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "export_speed.json"
@@ -36,19 +35,17 @@ def main() -> None:
     ap.add_argument("--chats", type=int, default=139, help="test conversations with an answer")
     ap.add_argument("--precisions", default="fp32,int8,int4")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (ORT uses its default)")
-    ap.add_argument("--student", default="runs/demo/kd_student")
+    ap.add_argument("--demo", default="runs/demo", help="the output of `make demo`")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    assets = demo_asset_dir()
-    rows = [r for r in load_rows(assets / "test.jsonl") if r.get("answer")][: args.chats]
+    student, test = Path(args.demo, "kd_student"), Path(args.demo, "data", "test.jsonl")
+    if not (student / "config.json").is_file() or not test.is_file():
+        raise SystemExit(f"{student}: not found; run `make demo` first")
+    rows = [r for r in load_rows(test) if r.get("answer")][: args.chats]
     chats = [split_prompt_reference(r["messages"])[0] for r in rows]
     answers = [r["answer"] for r in rows]
-    models = {"teacher": assets / "teacher"}
-    if Path(args.student, "config.json").is_file():
-        models["KD student"] = Path(args.student)
-    else:
-        print(f"{args.student}: not found (run `make demo` first); benchmarking the teacher only")
+    models = {"KD student": student}
 
     results = []
     with tempfile.TemporaryDirectory() as work:

@@ -64,6 +64,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# The project's first demo teacher (7.3M parameters, 8 x 256, trained from scratch on the demo
+# data by chatdistill's SFT mode, recipe in its chatdistill_config.yaml): a small model that has
+# learnt something, for checks that random weights cannot make (export agreement).
+TOY_TEACHER = Path(__file__).parent / "fixtures" / "toy_teacher"
+
 _TINY = {
     "llama": dict(
         model_type="llama",

@@ -1,4 +1,5 @@
-"""`chatdistill demo` end to end on a slice of the bundled data with a tiny teacher."""
+"""`chatdistill demo` end to end on a slice of the bundled data with a tiny teacher (the real
+teacher's stages are the same code; tests/test_real_model.py loads the shipped adapter)."""
 
 import dataclasses
 import json
@@ -24,24 +25,31 @@ def tiny_teacher(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     cfg = DemoConfig(
-        output=str(tmp_path / "demo"), teacher=str(tiny_teacher), train_rows=60, steps=3,
-        batch_size=8, eval_samples=6, labelled_fraction=0.2,
+        output=str(tmp_path / "demo"), teacher=str(tiny_teacher), prompts=60, steps=3,
+        batch_size=8, eval_samples=6, labelled_fraction=0.2, student_layers=1,
     )  # fmt: skip
     lines: list[str] = []
     results = run_demo(cfg, say=lines.append)
     out = tmp_path / "demo"
     names = [m.role for m in results.models]
     assert names.count("teacher") == 1 and names.count("student") == 3
-    for d in ("kd_student", "baseline_sft_labelled", "baseline_sft_all"):
+    for d in ("kd_student", "baseline_cut_untrained", "baseline_sft_labelled"):
         assert (out / d / "model.safetensors").is_file()
+    # Support prompts carry the shop's notes; the untrained cut is where both students start.
+    prompts = [json.loads(x) for x in (out / "data" / "prompts.jsonl").read_text().splitlines()]
+    support = [p for p in prompts if p["source"] == "support"]
+    assert support and all("using only these notes" in p["messages"][0]["content"] for p in support)
+    assert results.models[2].cost.parameters < results.models[0].cost.parameters
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     labelled = (out / "data" / "labelled.jsonl").read_text().splitlines()
     assert len(labelled) == 12
     assert any("chatdistill serve" in line for line in lines)
     table = next(line for line in lines if "held-out CE" in line).strip().splitlines()
     assert [row.split()[0] for row in table[3:6]] == [
-        "kd_student", "baseline_sft_labelled", "baseline_sft_all"
+        "kd_student", "baseline_cut_untrained", "baseline_sft_labelled"
     ]  # fmt: skip
+    assert "agree %" in table[0] and "KL" in table[0]
+    assert json.loads((out / "results.json").read_text())["settings"]["fidelity_on"] == "teacher"
     assert any("evaluating student kd_student" in line for line in lines)
     printed = "\n".join(lines).splitlines()
     for marker, folder in (
@@ -55,7 +63,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
         check = json.loads((out / folder / "export_check.json").read_text())
         assert check["chats"] == 3 and check["export_bytes"] < check["model_bytes"]
     kd_cfg = (out / "kd_student" / "chatdistill_config.yaml").read_text()
-    assert "teacher_cache" in kd_cfg and "ce_weight: 0.8" in kd_cfg and "temperature: 1.0" in kd_cfg
+    assert "teacher_cache" in kd_cfg and "ce_weight: 0.5" in kd_cfg and "temperature: 1.0" in kd_cfg
 
     before = json.loads((out / "results.json").read_text())
     lines.clear()
@@ -66,15 +74,15 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
         m["quality"]["ce"] for m in before["models"]
     ]
 
-    # Other settings: the students are trained again, not reused.
+    # Other settings: the trained students are trained again, not reused.
     lines.clear()
     run_demo(dataclasses.replace(cfg, steps=4), say=lines.append)
-    assert sum("settings changed" in line for line in lines) == 3
+    assert sum("changed since the last run" in line for line in lines) == 2
     assert "max_steps: 4" in (out / "kd_student" / "chatdistill_config.yaml").read_text()
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match="none"):
         run_demo(DemoConfig(output=str(tmp_path), teacher=str(tmp_path / "none")))
 
 
@@ -95,8 +103,8 @@ def test_interrupted_demo_continues_on_rerun(tmp_path, tiny_teacher, monkeypatch
             raise KeyboardInterrupt
 
     cfg = DemoConfig(
-        output=str(tmp_path / "demo"), teacher=str(tiny_teacher), train_rows=40, steps=3,
-        batch_size=8, eval_samples=4, labelled_fraction=0.2,
+        output=str(tmp_path / "demo"), teacher=str(tiny_teacher), prompts=40, steps=3,
+        batch_size=8, eval_samples=4, labelled_fraction=0.2, student_layers=1,
     )  # fmt: skip
     lines: list[str] = []
     monkeypatch.setattr(train_mod.TrainProgress, "update", ctrl_c_at_step_2)
@@ -122,11 +130,11 @@ def _done_files(model_dir):
     ).is_file()
 
 
-def test_missing_bundled_file_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_bundled_adapter_is_a_clear_error(tmp_path, monkeypatch):
     import chatdistill.demo.run as demo_run
 
     assets = tmp_path / "assets"
-    shutil.copytree(demo_asset_dir(), assets, ignore=shutil.ignore_patterns("model.safetensors"))
+    shutil.copytree(demo_asset_dir(), assets, ignore=shutil.ignore_patterns("teacher_adapter"))
     monkeypatch.setattr(demo_run, "demo_asset_dir", lambda: assets)
-    with pytest.raises(UserError, match="bundled demo file missing: .*teacher/model.safetensors"):
+    with pytest.raises(UserError, match="bundled teacher adapter missing: .*teacher_adapter"):
         run_demo(DemoConfig(output=str(tmp_path / "out")))

@@ -12,13 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatdistill.cli import main
 from chatdistill.data import split_prompt_reference
-from chatdistill.demo.data import demo_asset_dir, load_demo_split
+from chatdistill.demo.data import load_demo_split
 from chatdistill.errors import UserError
 from chatdistill.export.gguf import GGUF_NAME, check_gguf, export_gguf, rope_permute
 from chatdistill.export.modelfile import go_template
 
 from conftest import SHOP_CHATS as CHATS
-from conftest import build_tiny_model, make_conversations, write_jsonl
+from conftest import TOY_TEACHER, build_tiny_model, make_conversations, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_q8_0_export_is_smaller_and_agrees_closely(half_models, tmp_path, arch):
 
 
 def test_a_trained_model_keeps_its_answers_at_8_and_4_bits(tmp_path):
-    teacher = demo_asset_dir() / "teacher"  # the shipped demo teacher: trained, 7M parameters
+    teacher = TOY_TEACHER  # trained on the demo data, 7M parameters
     rows = load_demo_split("test")[:4]
     chats = [split_prompt_reference(r["messages"])[0] for r in rows]
     q8 = check_gguf(teacher, export_gguf(teacher, tmp_path / "q8", "q8_0"), chats, 32)

@@ -50,6 +50,24 @@ def test_the_gguf_loads_with_its_chat_template_and_answers_a_plain_question(engi
     assert "Paris" in answer.text
 
 
+def test_the_shipped_adapter_is_a_teacher_on_its_own_and_answers_from_the_notes():
+    """The demo's teacher: the adapter directory alone names its base (the packaged GGUF), and the
+    adapted model answers a held-out support question from the notes, briefly and exactly."""
+    from chatdistill.demo.data import demo_asset_dir, load_demo_split
+    from chatdistill.demo.grounding import ground_row
+    from chatdistill.evaluate.scores import answer_correct
+
+    adapted = Engine.load(str(demo_asset_dir() / "teacher_adapter"), device="cpu")
+    assert adapted.source.kind == "gguf" and adapted.source.adapter
+    rows = [r for r in load_demo_split("test") if r["source"] == "support"][:4]
+    right = 0
+    for row in rows:
+        prompt = ground_row(row)["messages"][:-1]
+        answer = adapted.chat(prompt, SamplingParams(max_new_tokens=40)).text
+        right += answer_correct(answer, row["answer"])
+    assert right >= 3, f"{right}/4 held-out support questions answered from the notes"
+
+
 def test_loading_the_same_file_again_does_not_convert_it_again(smol, engine, monkeypatch):
     def fail(*_args):
         raise AssertionError("converted twice")

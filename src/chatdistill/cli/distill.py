@@ -105,6 +105,13 @@ def add_cache_teacher(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
     p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the teacher's weights: auto = bf16 on a GPU that has it, else fp32; bf16 also "
+        "pays on CPUs with native bf16 (AVX512-BF16, AMX)",
+    )
     p.set_defaults(func=_run_cache_teacher)
 
 
@@ -156,6 +163,7 @@ def _run_cache_teacher(args: argparse.Namespace) -> None:
         tail_samples=args.tail_samples,
         batch_size=args.batch_size,
         device=args.device,
+        precision=args.precision,
     )
     print(
         f"cached {meta['examples']} conversations ({meta['tokens']:,} tokens, "
@@ -183,6 +191,13 @@ def add_generate_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="answers per prompt")
     p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the teacher's weights: auto = bf16 on a GPU that has it, else fp32; bf16 also "
+        "pays on CPUs with native bf16 (AVX512-BF16, AMX)",
+    )
     p.set_defaults(func=_run_generate_data)
 
 
@@ -201,6 +216,7 @@ def _run_generate_data(args: argparse.Namespace) -> None:
         seed=args.seed,
         samples_per_prompt=args.samples_per_prompt,
         device=args.device,
+        precision=args.precision,
     )
     cut = f"; {s['truncated']} hit --max-new-tokens" if s["truncated"] else ""
     print(

@@ -8,29 +8,45 @@ from chatdistill.errors import UserError
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="distil the bundled teacher into a 4x smaller student and show what it kept",
-        description="The whole job on the bundled data, offline: teacher answers and cache, a KD "
-        "student, two SFT baselines of the same shape, and a side-by-side evaluation. Finished "
-        "stages are reused on a rerun.",
+        help="distil a support-desk SmolLM2 into a student cut from it and show what it kept",
+        description="The whole job on a real pretrained teacher, offline: SmolLM2-135M-Instruct "
+        "with the shipped support-desk adapter answers the prompts, its log-probs are cached, a "
+        "student cut from it learns from both, and it is evaluated beside the teacher and two "
+        "baselines of its shape. Finished stages are reused on a rerun.",
     )
     p.add_argument("--output", default="runs/demo", help="where everything is written")
     p.add_argument(
-        "--labelled-fraction", type=float, default=0.1, help="share of human-answered train rows"
+        "--teacher",
+        help="another teacher: a model directory, GGUF file or peft adapter directory "
+        "(default: SmolLM2-135M-Instruct with the shipped adapter)",
+    )
+    p.add_argument(
+        "--student-layers", type=int, default=10, help="teacher layers the student keeps"
+    )
+    p.add_argument("--prompts", type=int, default=1000, help="train prompts the teacher answers")
+    p.add_argument(
+        "--labelled-fraction", type=float, default=0.1, help="share of prompts with human answers"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps per student")
-    p.add_argument("--eval-samples", type=int, default=200, help="test conversations evaluated")
+    p.add_argument("--steps", type=int, default=180, help="optimizer steps per student")
+    p.add_argument("--eval-samples", type=int, default=120, help="test conversations evaluated")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from chatdistill.demo.run import DemoConfig, run_demo
 
-    if args.steps < 1 or args.eval_samples < 1:
-        raise UserError("--steps and --eval-samples must be at least 1")
+    counts = {"--steps": args.steps, "--eval-samples": args.eval_samples,
+              "--prompts": args.prompts, "--student-layers": args.student_layers}  # fmt: skip
+    for flag, value in counts.items():
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
     run_demo(
         DemoConfig(
             output=args.output,
+            teacher=args.teacher,
+            student_layers=args.student_layers,
+            prompts=args.prompts,
             labelled_fraction=args.labelled_fraction,
             seed=args.seed,
             steps=args.steps,

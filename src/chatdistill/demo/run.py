@@ -1,16 +1,21 @@
-"""`chatdistill demo`: the whole promise on the bundled data, offline, on a CPU, in minutes.
+"""`chatdistill demo`: a task-adapted pretrained chat model distilled into a student cut from it.
 
-The situation it plays: a capable teacher (bundled, trained on all labelled support and small-talk
-rows), plenty of real user questions without answers (the train prompts), and only a small set of
-human-written answers (`labelled_fraction` of the train rows). Stages, each reused on a rerun:
+The situation it plays: a team adapted SmolLM2-135M-Instruct to its support desk (the shipped
+LoRA adapter, made by `scripts/train_teacher_adapter.py`), has many real user questions without
+answers (the train prompts) and a small set of human-written answers (`labelled_fraction` of
+them). Support questions come with the shop's notes in the system prompt (`demo.grounding`).
+Stages, each reused on a rerun:
 
-1. data: the labelled subset and the prompt set, written to OUTPUT/data;
-2. teacher answers to every prompt (sequence-level KD data, `generate-data`);
-3. teacher cache: top-k log-probs of the teacher on teacher answers + labelled rows;
-4. the KD student, trained from the cache on 0.8 x CE + 0.2 x forward KL at T = 1 (`kd_recipe`);
-5. baselines of the same shape and step budget: (a) SFT on the labelled subset only, (b) SFT on
-   all labelled rows the teacher saw;
-6. evaluation of all four on the test split: results.json, summary.md, report.html.
+1. data: prompts, the labelled subset, validation and test, written to OUTPUT/data;
+2. teacher answers to every prompt (greedy; sequence-level KD data, `generate-data`);
+3. teacher cache: top-k log-probs of the teacher on its answers and the labelled rows;
+4. the student cut: `student_layers` of the teacher's layers, one contiguous block removed (the
+   one whose removal changes the teacher's outputs least), and the KD student, that cut trained
+   from the cache on CE mixed with forward KL (`kd_recipe`);
+5. baselines: (a) the same cut with no training, (b) the same cut trained with SFT on the
+   labelled rows for the same steps;
+6. evaluation of all four on the test split (fidelity on the teacher's own answers):
+   results.json, summary.md, report.html.
 """
 
 import json
@@ -19,55 +24,52 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoTokenizer, LlamaConfig
-
 from chatdistill import atomic
 from chatdistill.data import load_rows, render_prompt
 from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, to_prompts
+from chatdistill.demo.grounding import ground_row
 from chatdistill.errors import Interrupted, UserError
 from chatdistill.evaluate.config import EvalConfig
 from chatdistill.evaluate.report import headline, text_table
 from chatdistill.evaluate.result import EvalResult
 from chatdistill.evaluate.run import evaluate
+from chatdistill.hashing import file_sha256
+from chatdistill.models import load_tokenizer, native_bf16, resolve
 
-# 0.24x the teacher's parameters in one layer of the teacher's width: at batch 1 on a CPU a decode
-# step of a model this small is mostly per-layer and per-call work, so one layer decodes 4-6x
-# faster than the teacher's eight, where two layers of 192 (as many parameters, as accurate)
-# reached only 2.9x on some CPUs. Heads of 32 dimensions: ONNX Runtime GenAI's attention needs a
-# multiple of 16 (for the export).
-STUDENT_SHAPE = dict(
-    hidden_size=256,
-    num_hidden_layers=1,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    intermediate_size=704,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
+TEACHER_ADAPTER = "teacher_adapter"
+MAX_LENGTH = 320
+ANSWER_TOKENS = 64  # the teacher's answers to the prompts
+EVAL_TOKENS = 48  # answers at evaluation: a support answer takes 10-25 tokens
 
 
 @dataclass
 class DemoConfig:
     output: str = "runs/demo"
+    teacher: str | None = None
+    """teacher (a model directory, a GGUF file, or a peft adapter directory whose config names
+    its base); None = SmolLM2-135M-Instruct with the shipped support-desk adapter"""
+    student_layers: int = 10
+    """teacher layers the student keeps: the first few and the last ones, the block between
+    removed (the block whose removal changes the teacher least, `models.block_cut`)"""
+    prompts: int | None = 1000
+    """train prompts the teacher answers (the first N of the shuffled split); None = all"""
     labelled_fraction: float = 0.1
-    """share of the train rows whose human answers the demo may use"""
+    """share of the prompts whose human answers the demo may use"""
     seed: int = 0
-    steps: int = 1200
-    """optimizer steps for the KD student and for each baseline (same budget)"""
-    batch_size: int = 32
+    steps: int = 180
+    """optimizer steps for the KD student and for the SFT baseline (same budget)"""
+    batch_size: int = 16
+    lr: float = 5e-4
     temperature: float = 1.0
-    ce_weight: float = 0.8
-    """CE on the teacher's answers and the labelled rows vs forward KL to its logits; 1 = CE only
-    (sequence-level KD, no cache). bench/demo_recipes.py compares the recipes."""
+    ce_weight: float = 0.5
+    """CE on the teacher's answers and the labelled rows vs forward KL to its log-probs; 1 = CE
+    only (sequence-level KD, no cache)"""
     divergence: str = "fkl"
     """the KD term against the cached teacher log-probs (any `--loss` but sft)"""
-    top_k: int = 32
-    eval_samples: int = 200
+    top_k: int = 64
+    eval_samples: int = 120
     """test conversations evaluated (from the start of the shuffled test split)"""
-    train_rows: int | None = None
-    """use only the first N train rows (quick runs); None = all"""
-    teacher: str | None = None
-    """teacher model dir sharing the demo tokenizer; None = the bundled one"""
+    validation_rows: int = 100
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -77,24 +79,18 @@ def _write_if_changed(path: Path, text: str) -> None:
     atomic.write_text(path, text)
 
 
-def _assets(cfg: DemoConfig) -> Path:
-    assets = demo_asset_dir()
-    needs = ["train.jsonl", "test.jsonl", "validation.jsonl"]
-    if cfg.teacher is None:
-        needs.append("teacher/model.safetensors")
-    elif not (Path(cfg.teacher) / "config.json").is_file():
-        raise UserError(f"teacher {cfg.teacher}: no config.json there")
-    for need in needs:
-        if not (assets / need).is_file():
-            raise UserError(
-                f"bundled demo file missing: {assets / need}; reinstall chatdistill "
-                "(or rebuild it: scripts/build_demo_data.py, scripts/train_demo_teacher.py)"
-            )
-    return assets
-
-
-MAX_LENGTH = 256
-ANSWER_TOKENS = 48
+def teacher_arg(cfg: DemoConfig) -> str:
+    """The teacher as every command takes it: the shipped adapter directory (its config names
+    the SmolLM2 GGUF base) unless the user gave one."""
+    if cfg.teacher is not None:
+        return cfg.teacher
+    adapter = demo_asset_dir() / TEACHER_ADAPTER
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(
+            f"bundled teacher adapter missing: {adapter}; reinstall chatdistill (or make it: "
+            "python scripts/train_teacher_adapter.py)"
+        )
+    return str(adapter)
 
 
 def _fits(tokenizer, row: dict) -> bool:
@@ -104,38 +100,26 @@ def _fits(tokenizer, row: dict) -> bool:
     return len(prompt) + ANSWER_TOKENS <= MAX_LENGTH and len(full) <= MAX_LENGTH
 
 
-def prepare_data(cfg: DemoConfig, assets: Path, tokenizer) -> dict[str, Path]:
-    """Write the demo's data files; return their paths."""
+def _split(name: str, tokenizer, limit: int | None = None) -> list[dict]:
+    rows = [ground_row(r) for r in load_rows(demo_asset_dir() / f"{name}.jsonl")]
+    return [r for r in rows if _fits(tokenizer, r)][:limit]
+
+
+def prepare_data(cfg: DemoConfig, tokenizer) -> dict[str, Path]:
+    """Write the demo's data files (grounded support rows and small talk); return their paths."""
+    if cfg.prompts is not None and cfg.prompts < 1:
+        raise UserError(f"prompts={cfg.prompts}: must be at least 1")
     data = Path(cfg.output) / "data"
     data.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(assets / "train.jsonl")[: cfg.train_rows]
-    train = [r for r in rows if _fits(tokenizer, r)]
+    train = _split("train", tokenizer, cfg.prompts)
     labelled = labelled_subset(train, cfg.labelled_fraction, cfg.seed)
-    paths = {
-        "labelled": data / "labelled.jsonl",
-        "prompts": data / "prompts.jsonl",
-        "all_labelled": data / "all_labelled.jsonl",
-        "validation": assets / "validation.jsonl",
-        "test": assets / "test.jsonl",
-    }
+    paths = {name: data / f"{name}.jsonl" for name in ("labelled", "prompts", "validation", "test")}
     _write_if_changed(paths["labelled"], jsonl_text(labelled))
     _write_if_changed(paths["prompts"], jsonl_text(to_prompts(train)))
-    _write_if_changed(paths["all_labelled"], jsonl_text(train))
+    validation = _split("validation", tokenizer, cfg.validation_rows)
+    _write_if_changed(paths["validation"], jsonl_text(validation))
+    _write_if_changed(paths["test"], jsonl_text(_split("test", tokenizer)))
     return paths
-
-
-def _student_config(out: Path, tokenizer_dir: Path) -> Path:
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **STUDENT_SHAPE,
-    )
-    path = out / "student_config.json"
-    _write_if_changed(path, json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    return path
 
 
 def _done(model_dir: Path) -> bool:
@@ -144,8 +128,17 @@ def _done(model_dir: Path) -> bool:
     ).exists()
 
 
+def _inputs_key(overrides: dict) -> dict:
+    """What a stage learns from, by content: its data files and its teacher cache's metadata."""
+    files = [overrides["data.train"], overrides["data.validation"]]
+    if overrides.get("teacher_cache"):
+        files.append(str(Path(overrides["teacher_cache"]) / "cache.json"))
+    return {f: file_sha256(f) for f in files}
+
+
 def _train(name: str, out: Path, overrides: dict, say) -> Path:
-    """Run one training stage, or reuse/resume it when it was made with the same settings."""
+    """Run one training stage, or reuse/resume it when it was made with the same settings from
+    the same data."""
     import yaml
 
     from chatdistill.config import load_distill_config
@@ -153,39 +146,44 @@ def _train(name: str, out: Path, overrides: dict, say) -> Path:
 
     model_dir = out / name
     cfg = load_distill_config(None, {**overrides, "output": str(model_dir)})
-    saved = model_dir / "chatdistill_config.yaml"
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.model_dump():
-        say(f"[{name}] settings changed since the last run; training it again")
+    saved, stamp = model_dir / "chatdistill_config.yaml", model_dir / "demo_inputs.json"
+    key = _inputs_key(overrides)
+    same_inputs = stamp.is_file() and json.loads(stamp.read_text()) == key
+    if saved.is_file() and (
+        yaml.safe_load(saved.read_text()) != cfg.model_dump() or not same_inputs
+    ):
+        say(f"[{name}] settings or data changed since the last run; training it again")
         shutil.rmtree(model_dir)
     if _done(model_dir):
         say(f"[{name}] reusing {model_dir}")
         return model_dir
     say(f"[{name}] training")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(stamp, json.dumps(key))
     out_dir = train(cfg, resume=(model_dir / "checkpoints").is_dir())
     # Checkpoints only serve a resume; a finished stage is reused from its final model.
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return out_dir
 
 
-def _common(cfg: DemoConfig, paths: dict, student_config: Path, teacher: Path) -> dict:
+def _common(cfg: DemoConfig, paths: dict, teacher: str, layers: list[int]) -> dict:
     return {
-        "student_config": str(student_config),
-        "tokenizer": str(teacher),
+        "teacher": teacher,
+        "student_layers": layers,
         "data.validation": str(paths["validation"]),
         "data.max_length": MAX_LENGTH,
-        # A 256-wide student over a 4k vocabulary: whole-batch chunks cost little memory and
-        # save the per-chunk overhead that dominates at this size (~10% of the demo's time).
-        "loss.chunk_size": 2048,
         "train.max_steps": cfg.steps,
         "train.batch_size": cfg.batch_size,
-        "train.lr": 3e-3,
+        "train.lr": cfg.lr,
         "train.weight_decay": 0.01,
-        "train.warmup_steps": 30,
-        "train.min_lr_ratio": 0.05,
+        "train.warmup_steps": max(1, cfg.steps // 20),
+        "train.min_lr_ratio": 0.1,
         "train.eval_every": 0,
-        "train.save_every": 100,
-        "train.log_every": 20,
+        "train.save_every": 20,
+        "train.log_every": 5,
         "train.seed": cfg.seed,
+        # bf16 matrix multiplies where the hardware has them (master weights stay float32).
+        "train.precision": "bf16" if native_bf16() else "fp32",
     }
 
 
@@ -216,10 +214,41 @@ class KDInputs:
     chat rows, with the labelled rows) and, for recipes that use its logits, its cache."""
 
     paths: dict[str, Path]
-    teacher: Path
+    teacher: str
+    layers: list[int]
     kd_data: Path
     cache: Path | None
     common: dict
+
+
+def cut_student_layers(teacher: str, keep: int, validation: Path, out: Path, say) -> list[int]:
+    """The layers the student keeps (`models.block_cut` on 16 validation rows, the contiguous
+    block whose removal changes the teacher least), and baseline (a), that cut saved untrained.
+    Reused while the teacher and `keep` are unchanged."""
+    from chatdistill.data import build_dataset, collate
+    from chatdistill.models import block_cut, cut_student, load_pretrained
+
+    model_dir = out / "baseline_cut_untrained"
+    stamp = model_dir / "cut.json"
+    asked = {"teacher": teacher, "keep": keep, "validation": file_sha256(validation)}
+    if stamp.is_file():
+        done = json.loads(stamp.read_text())
+        if {k: done.get(k) for k in asked} == asked:
+            say(f"[student cut] reusing layers {done['layers']} ({model_dir})")
+            return done["layers"]
+    model, tokenizer, _ = load_pretrained(teacher, "teacher")
+    rows = load_rows(validation)[:16]
+    batch = collate(build_dataset(rows, tokenizer, MAX_LENGTH, str(validation)).examples,
+                    tokenizer.pad_token_id)  # fmt: skip
+    layers = block_cut(model, keep, batch)
+    n = model.config.get_text_config().num_hidden_layers
+    say(f"[student cut] keeping layers {layers} of {n}: the block whose removal changes the "
+        "teacher's next-token distributions least; (a) is this cut, untrained")  # fmt: skip
+    shutil.rmtree(model_dir, ignore_errors=True)
+    cut_student(model, layers).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    atomic.write_text(stamp, json.dumps({**asked, "layers": layers}))
+    return layers
 
 
 def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
@@ -227,10 +256,14 @@ def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
     from chatdistill.distill.cache import write_cache
     from chatdistill.distill.teacher_answers import generate_data
 
-    assets = _assets(cfg)
-    teacher = Path(cfg.teacher) if cfg.teacher else assets / "teacher"
+    if not 0 < cfg.labelled_fraction <= 1:
+        raise UserError(f"labelled fraction {cfg.labelled_fraction} is outside (0, 1]; use 0.1")
+    teacher = teacher_arg(cfg)
+    source = resolve(teacher, "teacher")
+    base = source.gguf.get("file", source.path)
+    say(f"[teacher] {base}" + (f" with the adapter {source.adapter}" if source.adapter else ""))
     out = Path(cfg.output)
-    paths = prepare_data(cfg, assets, AutoTokenizer.from_pretrained(teacher))
+    paths = prepare_data(cfg, load_tokenizer(source, "teacher"))
     n_labelled = sum(1 for _ in paths["labelled"].open())
     n_prompts = sum(1 for _ in paths["prompts"].open())
     say(
@@ -240,10 +273,11 @@ def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
 
     answers = out / "data" / "teacher_answers.jsonl"
     say("[teacher answers] the teacher answers every prompt (greedy)")
-    # Batches of 64 answer 1.5x faster than 32 on a CPU (the weights are read once per step for
-    # more rows), with the same greedy answers.
-    generate_data(str(teacher), str(paths["prompts"]), str(answers), max_new_tokens=ANSWER_TOKENS,
-                  batch_size=64, seed=cfg.seed)  # fmt: skip
+    # bf16 on hardware that has it: measured 1.1e-3 nats/token of KL from float32 at 135M.
+    precision = "bf16" if native_bf16() else "auto"
+    generate_data(source, str(paths["prompts"]), str(answers), max_new_tokens=ANSWER_TOKENS,
+                  batch_size=32, seed=cfg.seed, precision=precision,
+                  replace_stale=True)  # fmt: skip
     kd_data = out / "data" / "kd_train.jsonl"
     kd_rows = load_rows(answers) + load_rows(paths["labelled"])
     _write_if_changed(kd_data, jsonl_text(kd_rows))
@@ -252,15 +286,17 @@ def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
     if cfg.ce_weight < 1:
         cache = out / f"teacher_cache_t{cfg.temperature:g}_k{cfg.top_k}"
         say(f"[teacher cache] top-{cfg.top_k} log-probs at temperature {cfg.temperature:g}")
-        write_cache(str(teacher), str(kd_data), str(cache), top_k=cfg.top_k,
-                    temperature=cfg.temperature, max_length=MAX_LENGTH, batch_size=32)  # fmt: skip
-    common = _common(cfg, paths, _student_config(out, teacher), teacher)
-    return KDInputs(paths, teacher, kd_data, cache, common)
+        write_cache(source, str(kd_data), str(cache), top_k=cfg.top_k,
+                    temperature=cfg.temperature, max_length=MAX_LENGTH, batch_size=16,
+                    precision=precision, replace_stale=True)  # fmt: skip
+    layers = cut_student_layers(teacher, cfg.student_layers, paths["validation"], out, say)
+    common = _common(cfg, paths, teacher, layers)
+    return KDInputs(paths, teacher, layers, kd_data, cache, common)
 
 
 def kd_recipe(cfg: DemoConfig, inputs: KDInputs) -> dict:
     """The KD student's overrides: CE on the teacher's answers and the labelled rows, mixed with
-    a divergence (forward KL by default) to the cached teacher logits (or CE alone,
+    a divergence (forward KL by default) to the cached teacher log-probs (or CE alone,
     sequence-level KD, at ce_weight 1)."""
     recipe = {**inputs.common, "data.train": str(inputs.kd_data)}
     if inputs.cache is None:
@@ -275,34 +311,35 @@ def summary(results: EvalResult) -> str:
         text_table(*headline(results))
         + "\nparams and speed (decode tokens/s at batch 1) as a multiple of the teacher's; "
         "held-out CE on the human test answers;\naccuracy: the test answer's fact stated; "
-        "kept: accuracy as a share of the teacher's.\n"
-        "(a) baseline_sft_labelled: SFT on the labelled subset only (no teacher); "
-        "(b) baseline_sft_all: SFT on all labels the teacher saw."
+        "kept: accuracy as a share of the teacher's;\nagree and KL: top-1 agreement with the "
+        "teacher and KL(teacher||model) on the teacher's own answers to the test prompts.\n"
+        "(a) baseline_cut_untrained: the student's starting point, no training; "
+        "(b) baseline_sft_labelled: the same cut, SFT on the labelled rows, same steps."
     )
 
 
 def _run(cfg: DemoConfig, say) -> EvalResult:
     inputs = prepare_kd_inputs(cfg, say)
-    out, paths, common, teacher = Path(cfg.output), inputs.paths, inputs.common, inputs.teacher
+    out, paths, common = Path(cfg.output), inputs.paths, inputs.common
     kd = _train("kd_student", out, kd_recipe(cfg, inputs), say)
-    sft_small = _train("baseline_sft_labelled",
-                       out, {**common, "data.train": str(paths["labelled"]), "loss.kind": "sft"},
-                       say)  # fmt: skip
-    sft_all = _train("baseline_sft_all",
-                     out, {**common, "data.train": str(paths["all_labelled"]), "loss.kind": "sft"},
-                     say)  # fmt: skip
+    cut = out / "baseline_cut_untrained"
+    sft = _train("baseline_sft_labelled",
+                 out, {**common, "data.train": str(paths["labelled"]), "loss.kind": "sft"},
+                 say)  # fmt: skip
 
     say("[eval] teacher, KD student and both baselines on the test split")
     results = evaluate(
         EvalConfig(
-            teacher=str(teacher),
-            students=[str(kd), str(sft_small), str(sft_all)],
+            teacher=inputs.teacher,
+            students=[str(kd), str(cut), str(sft)],
+            names=["teacher", kd.name, cut.name, sft.name],
             data=str(paths["test"]),
             output=str(out),
             max_samples=cfg.eval_samples,
-            max_new_tokens=ANSWER_TOKENS,
+            max_new_tokens=EVAL_TOKENS,
             batch_size=32,
             max_length=MAX_LENGTH,
+            fidelity_on="teacher",
         ),
         say=lambda msg: say(f"[eval] {msg}"),
     )
@@ -311,6 +348,8 @@ def _run(cfg: DemoConfig, say) -> EvalResult:
         f"\nreport: {out / 'report.html'}\n"
         f"chat with the student:  chatdistill chat {kd}\n"
         f"serve it (OpenAI API + web page):  chatdistill serve {kd}\n"
+        f"serve the teacher with the student as its speculative draft:  chatdistill serve "
+        f"{inputs.teacher} --draft {kd}\n"
         f"export it for edge runtimes (ONNX, int4):  chatdistill export {kd} "
         f"--output {out / 'kd_student_onnx'} --prompts {paths['test']}"
         f"\nor for llama.cpp and Ollama (GGUF, q8_0):  chatdistill export {kd} --format gguf "

@@ -9,6 +9,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from chatdistill.config import OnPolicyConfig, TrainConfig, check_flag
 from chatdistill.data import TRUNCATED, load_rows, split_prompt_reference
 from chatdistill.distill.fingerprints import teacher_fingerprint
@@ -16,7 +18,7 @@ from chatdistill.distill.rollout import seeded_rng
 from chatdistill.errors import UserError
 from chatdistill.hashing import file_sha256
 from chatdistill.inference.engine import Engine, SamplingParams
-from chatdistill.models import ModelSource, resolve
+from chatdistill.models import ModelSource, inference_dtype, resolve
 from chatdistill.progress import RateBar
 
 
@@ -48,12 +50,16 @@ def generate_data(
     samples_per_prompt: int = 1,
     device: str | None = None,
     progress: bool = True,
+    precision: str = "auto",
+    replace_stale: bool = False,
 ) -> dict:
     """Write the teacher's answers to every prompt row as chat JSONL; resume a partial output.
 
     Each output row is the input row with its reference answer (if any) replaced by the teacher's;
     other fields are kept. Row i's sample j is seeded by (seed, i, j), so a resumed file equals an
     uninterrupted one. Returns a summary (rows written, truncated answers, tokens, tokens/s).
+    The teacher's weights are in `precision` (see `models.inference_dtype`). An output made with
+    other settings is refused, or with `replace_stale` written again.
     """
     if samples_per_prompt < 1:
         raise UserError(f"--samples-per-prompt {samples_per_prompt}: must be at least 1")
@@ -63,6 +69,8 @@ def generate_data(
     check_flag("--top-p", top_p, OnPolicyConfig, "top_p")
     check_flag("--batch-size", batch_size, TrainConfig, "batch_size")
     check_flag("--seed", seed, TrainConfig, "seed")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = inference_dtype(precision, device)
     if samples_per_prompt > 1 and temperature == 0:
         raise UserError(
             "--samples-per-prompt > 1 with --temperature 0 (greedy) repeats one answer; "
@@ -79,6 +87,7 @@ def generate_data(
         "top_p": top_p,
         "seed": seed,
         "samples_per_prompt": samples_per_prompt,
+        "precision": precision,
     }
     side = _settings_path(out)
     if out.exists():
@@ -88,18 +97,30 @@ def generate_data(
                 f"{out} exists and was not written by generate-data; pick a new --output"
             )
         diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff:
+        if diff and not replace_stale:
             raise UserError(
                 f"{out} was generated with another {diff[0]} ({old.get(diff[0])}); pass the same "
                 "settings to resume, or pick a new --output"
             )
+        if diff:
+            print(f"{out} was generated with another {diff[0]}; answering again")
+            out.unlink()
     out.parent.mkdir(parents=True, exist_ok=True)
     side.write_text(json.dumps(settings, indent=1))
     done = _complete_lines(out)
     jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)][done:]
     try:
         return _answer(
-            teacher, rows, prompts, out, jobs, done, settings, batch_size, device, progress
+            teacher,
+            rows,
+            prompts,
+            out,
+            jobs,
+            done,
+            settings,
+            batch_size,
+            (device, dtype),
+            progress,
         )
     except BaseException:
         if not out.exists() or out.stat().st_size == 0:  # nothing written: leave nothing behind
@@ -108,12 +129,13 @@ def generate_data(
         raise
 
 
-def _answer(teacher, rows, prompts, out, jobs, done, settings, batch_size, device, progress):
+def _answer(teacher, rows, prompts, out, jobs, done, settings, batch_size, placement, progress):
     """Answer `jobs` (row, sample) and append them to `out`; the summary `generate_data` returns."""
     max_new_tokens, temperature, top_p, seed = (
         settings[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")
     )
-    engine = Engine.load(teacher, device=device)
+    device, dtype = placement
+    engine = Engine.load(teacher, device=device, dtype=dtype)
     prompt_msgs = [split_prompt_reference(r["messages"])[0] for r in rows]
     ids = {}
     for i in sorted({i for i, _ in jobs}):

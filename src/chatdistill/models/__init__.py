@@ -4,13 +4,17 @@ teachers."""
 
 from chatdistill.models.load import (
     DTYPES,
+    PRECISIONS,
     default_dtype,
+    inference_dtype,
     load_model,
     load_pretrained,
     load_tokenizer,
+    native_bf16,
 )
 from chatdistill.models.source import ModelSource, resolve
 from chatdistill.models.students import (
+    block_cut,
     count_parameters,
     cut_student,
     even_layers,
@@ -20,17 +24,21 @@ from chatdistill.models.students import (
 from chatdistill.models.vocab import check_vocab, tokenizer_fingerprint
 
 __all__ = [
+    "block_cut",
     "DTYPES",
     "ModelSource",
     "check_vocab",
     "count_parameters",
     "cut_student",
+    "PRECISIONS",
     "default_dtype",
+    "inference_dtype",
     "even_layers",
     "hidden_and_head",
     "load_model",
     "load_pretrained",
     "load_tokenizer",
+    "native_bf16",
     "resolve",
     "student_from_config",
     "tokenizer_fingerprint",

@@ -8,6 +8,7 @@ the tokenizer always has a pad token (its EOS when it has none). Arguments resol
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,6 +76,33 @@ def default_dtype(device: str | torch.device | None) -> torch.dtype | str:
     return torch.float32 if device is None or torch.device(device).type == "cpu" else "auto"
 
 
+def native_bf16() -> bool:
+    """True when this machine multiplies bf16 natively: a CUDA device that supports it, or a CPU
+    with AVX512-BF16 or AMX (elsewhere bf16 on a CPU is emulated and slower than float32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def inference_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """Weights dtype of a model that only runs forward: "bf16", "fp32", or "auto" (bf16 on a
+    GPU that supports it, else the loader's default); None = the loader's default."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and torch.device(device).type == "cuda" and native_bf16():
+        return torch.bfloat16
+    return torch.float32 if precision == "fp32" else None
+
+
 def load_model(
     model: str | Path | ModelSource,
     what: str = "model",
@@ -111,7 +139,9 @@ def _merge_adapter(model: PreTrainedModel, src: ModelSource, what: str) -> PreTr
     if not any(adapter.glob("*.safetensors")):
         raise UserError(f"{what} adapter {adapter}: no adapter_model.safetensors there")
     try:
-        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        with warnings.catch_warnings():  # peft calls a transformers API that warns it is renamed
+            warnings.simplefilter("ignore", FutureWarning)
+            merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except Exception as e:  # noqa: BLE001 - shape mismatches, unknown target modules ...
         raise UserError(
             f"{what} adapter {adapter} does not fit the model {src.path} ({first_line(e)}); "

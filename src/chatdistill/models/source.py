@@ -18,6 +18,7 @@ from pathlib import Path
 
 from chatdistill.errors import UserError
 from chatdistill.models.gguf import SOURCE_FILE, convert
+from chatdistill.models.packaged import SMOLLM2_FILE, smollm2_gguf
 
 HUB_PREFIX = "hf:"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,6 +35,7 @@ class ModelSource:
     kind: str  # "hf" | "gguf" | "hub"
     gguf: dict = field(default_factory=dict)  # file, sha256, quantization, architecture
     adapter: str | None = None  # a peft adapter directory merged into the model at load
+    base: str | None = None  # with an adapter: the base model argument, resolved (file or dir)
 
     def record(self) -> dict:
         """What results, recipes and model cards say about where the model came from."""
@@ -55,13 +57,16 @@ def resolve(
     a peft adapter directory to merge into the model `arg` names."""
     if adapter is not None:
         src = resolve(arg, what, needs)
-        return replace(src, adapter=str(_adapter_dir(Path(adapter), f"{what} adapter")))
+        adapter_dir = str(_adapter_dir(Path(adapter), f"{what} adapter"))
+        return replace(src, adapter=adapter_dir, base=src.arg)
     if isinstance(arg, ModelSource):
         return arg
     p = Path(str(arg)).expanduser()
     if (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file():
         base = _adapter_base(p, what)
-        return replace(resolve(base, f"{what} base", needs), arg=str(arg), adapter=str(p))
+        return replace(
+            resolve(base, f"{what} base", needs), arg=str(arg), adapter=str(p), base=base
+        )
     return _resolve_plain(str(arg), what, needs)
 
 
@@ -72,7 +77,8 @@ def _adapter_dir(p: Path, what: str) -> Path:
 
 
 def _adapter_base(p: Path, what: str) -> str:
-    """The adapter's `base_model_name_or_path`, as a local path where one exists."""
+    """The adapter's `base_model_name_or_path`, as a local path where one exists (beside the
+    adapter, as given, or the file of a packaged model such as the demo's SmolLM2 GGUF)."""
     try:
         base = json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     except (OSError, ValueError) as e:
@@ -84,6 +90,8 @@ def _adapter_base(p: Path, what: str) -> str:
         return str(beside)
     if Path(base).expanduser().exists() or str(base).startswith(HUB_PREFIX):
         return str(base)
+    if base == SMOLLM2_FILE:  # a model this project installs as a package (the demo's base)
+        return str(smollm2_gguf())
     raise UserError(
         f"{what} {p}: its base model {base} is not on this machine; pass the base model as "
         f"the model and this directory as its adapter (e.g. --teacher BASE --teacher-adapter {p})"

@@ -51,6 +51,43 @@ def cut_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     return student
 
 
+@torch.no_grad()
+def block_cut(model: PreTrainedModel, n_keep: int, batch: dict[str, torch.Tensor]) -> list[int]:
+    """Layers to keep when cutting `model` to `n_keep` layers by removing one contiguous block,
+    as Minitron's depth pruning does: of the cuts keeping the first `a` and the last
+    `n_keep - a` layers (a = 1 .. n_keep - 1), the one whose next-token distributions stay
+    closest to the full model's, by KL(full || cut) on the loss positions of `batch` (input_ids,
+    attention_mask, labels). The model itself is left as it was."""
+    from chatdistill.data import loss_positions
+
+    holder, attr = _layer_list(model)
+    full = getattr(holder, attr)
+    n = len(full)
+    even_layers(n, n_keep)  # the same range check as an even cut
+    if n_keep in (1, n):
+        return list(range(n_keep))
+    pos = loss_positions(batch["labels"])
+
+    def logprobs() -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return torch.log_softmax(out.logits[:, :-1][pos].float(), dim=-1)
+
+    was_training = model.training
+    model.eval()
+    reference = logprobs()
+    scored = []
+    try:
+        for a in range(1, n_keep):
+            keep = [*range(a), *range(n - (n_keep - a), n)]
+            setattr(holder, attr, torch.nn.ModuleList([full[i] for i in keep]))
+            kl = (reference.exp() * (reference - logprobs())).sum(-1).mean().item()
+            scored.append((kl, keep))
+    finally:
+        setattr(holder, attr, full)
+        model.train(was_training)
+    return min(scored)[1]
+
+
 def student_from_config(path: str, vocab_size: int) -> PreTrainedModel:
     """A freshly initialised model from a config.json (or a model dir's config)."""
     p = Path(path)
