@@ -41,7 +41,8 @@ def main() -> None:
 
     student, test = Path(args.demo, "kd_student"), Path(args.demo, "data", "test.jsonl")
     if not (student / "config.json").is_file() or not test.is_file():
-        raise SystemExit(f"{student}: not found; run `make demo` first")
+        print(f"{student}: not found; run `make demo` first (nothing to export)")
+        return
     rows = [r for r in load_rows(test) if r.get("answer")][: args.chats]
     chats = [split_prompt_reference(r["messages"])[0] for r in rows]
     answers = [r["answer"] for r in rows]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from chatdistill import atomic
@@ -121,10 +122,14 @@ def train(cfg: DistillConfig, resume: bool = False) -> Path:
     """Run the recipe; return the output directory holding the final student."""
     transformers.utils.logging.disable_progress_bar()
     keep_freed_memory()  # no page faults on every step's activations (see allocator.py)
+    precision = _mixed_precision(cfg)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        # A second run in one process (the demo, a notebook) with another precision: accelerate
+        # would refuse its remembered state; start that state afresh (the process group stays).
+        AcceleratorState._reset_state()
     # cpu=True without a GPU makes a multi-process launch use gloo on the CPU (MULTI_CPU).
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available()
-    )
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
     out = Path(cfg.output)
     main = accelerator.is_main_process
