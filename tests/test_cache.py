@@ -392,6 +392,9 @@ def test_cache_teacher_defaults_are_the_recipe_defaults():
         (["--temperature", "-1"], "--temperature -1.0: Input should be greater than 0"),
         (["--max-length", "0"], "--max-length 0: Input should be greater than or equal to 8"),
         (["--batch-size", "0"], "--batch-size 0: Input should be greater than or equal to 1"),
+        (["--min-mass", "0"], "--min-mass 0.0: must be above 0 and at most 1"),
+        (["--min-mass", "1.5"], "--min-mass 1.5: must be above 0 and at most 1"),
+        (["--min-mass", "nan"], "--min-mass nan: must be above 0 and at most 1"),
     ],
 )
 def test_cache_teacher_numbers_are_checked_like_the_recipes(
@@ -399,7 +402,7 @@ def test_cache_teacher_numbers_are_checked_like_the_recipes(
 ):
     monkeypatch.setattr(cache_mod, "load_model", lambda *_: pytest.fail("loaded the teacher"))
     args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(tmp_path / "c")]
-    assert _cache_error(capsys, [*args, *flags]) == f"error: {message}\n"
+    assert _cache_error(capsys, [*args, *flags]).startswith(f"error: {message}")
     assert not (tmp_path / "c").exists()
 
 
@@ -620,22 +623,6 @@ def test_cache_teacher_refuses_to_resume_a_version_1_cache(
     args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(old)]
     err = _cache_error(capsys, [*args, "--top-k", "8", "--min-mass", "1", "--logprob-bits", "16"])
     assert "version-1 cache" in err and "choose a new --output or delete" in err
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--min-mass", "0"], "--min-mass 0.0: must be above 0 and at most 1"),
-        (["--min-mass", "1.5"], "--min-mass 1.5: must be above 0 and at most 1"),
-        (["--min-mass", "nan"], "--min-mass nan: must be above 0 and at most 1"),
-    ],
-)
-def test_cache_teacher_min_mass_is_checked(
-    tmp_path, teacher, chat_file, capsys, monkeypatch, flags, message
-):
-    monkeypatch.setattr(cache_mod, "load_model", lambda *_: pytest.fail("loaded the teacher"))
-    args = ["--teacher", str(teacher), "--data", str(chat_file), "--output", str(tmp_path / "c")]
-    assert _cache_error(capsys, [*args, *flags]).startswith(f"error: {message}")
 
 
 @pytest.mark.parametrize(

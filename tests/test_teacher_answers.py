@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from chatdistill.cli import main
@@ -86,6 +88,15 @@ def test_generate_data_refuses_to_resume_with_other_settings(tmp_path, tiny_mode
     assert main(["generate-data", *args]) == 0
     assert "o.jsonl: 2 rows" in capsys.readouterr().out
     assert "max_new_tokens" in _gen_error(capsys, [*args[:-1], "5"])
+    # The demo's way: settings changed since the last run, so answer again from scratch.
+    summary = generate_data(str(tiny_models["llama"]), str(prompts), str(tmp_path / "o.jsonl"),
+                            max_new_tokens=5, progress=False, replace_stale=True)  # fmt: skip
+    assert summary["rows"] == 2 and "another max_new_tokens" in capsys.readouterr().out
+    side = json.loads((tmp_path / "o.jsonl.generate.json").read_text())
+    assert side["max_new_tokens"] == 5 and side["precision"] == "auto"
+    with pytest.raises(UserError, match="precision 'fp8': use one of auto, fp32, bf16"):
+        generate_data(str(tiny_models["llama"]), str(prompts), str(tmp_path / "x.jsonl"),
+                      precision="fp8")  # fmt: skip
 
 
 def test_generate_data_refuses_greedy_repeats_and_foreign_outputs(tmp_path, tiny_models, capsys):

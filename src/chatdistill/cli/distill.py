@@ -105,14 +105,20 @@ def add_cache_teacher(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
     p.add_argument("--device", help="torch device (default: cuda if available)")
+    _add_precision(p)
+    p.set_defaults(func=_run_cache_teacher)
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from chatdistill.models import PRECISIONS
+
     p.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16"],
+        choices=PRECISIONS,
         default="auto",
         help="the teacher's weights: auto = bf16 on a GPU that has it, else fp32; bf16 also "
         "pays on CPUs with native bf16 (AVX512-BF16, AMX)",
     )
-    p.set_defaults(func=_run_cache_teacher)
 
 
 def _cache_settings(args: argparse.Namespace) -> dict:
@@ -191,13 +197,7 @@ def add_generate_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="answers per prompt")
     p.add_argument("--device", help="torch device (default: cuda if available)")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="the teacher's weights: auto = bf16 on a GPU that has it, else fp32; bf16 also "
-        "pays on CPUs with native bf16 (AVX512-BF16, AMX)",
-    )
+    _add_precision(p)
     p.set_defaults(func=_run_generate_data)
 
 
