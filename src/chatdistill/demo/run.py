@@ -210,8 +210,9 @@ def run_demo(cfg: DemoConfig, say=print) -> EvalResult:
 
 @dataclass
 class KDInputs:
-    """What every student of the demo trains from: data files, the teacher, its answers (as
-    chat rows, with the labelled rows) and, for recipes that use its logits, its cache."""
+    """What every student of the demo trains from: data files, the teacher, the layers the cut
+    keeps, its answers (as chat rows, with the labelled rows) and, for recipes that use its
+    logits, its cache."""
 
     paths: dict[str, Path]
     teacher: str
@@ -252,7 +253,8 @@ def cut_student_layers(teacher: str, keep: int, validation: Path, out: Path, say
 
 
 def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
-    """Stages 1-3: data, the teacher's answers to every prompt, and its cache (each reused)."""
+    """Stages 1-4: data, the teacher's answers to every prompt, its cache and the student cut
+    (each reused while its inputs are unchanged)."""
     from chatdistill.distill.cache import write_cache
     from chatdistill.distill.teacher_answers import generate_data
 
