@@ -30,7 +30,7 @@ from chatdistill import atomic
 from chatdistill.data import build_dataset, collate
 from chatdistill.demo.data import demo_asset_dir, load_demo_split
 from chatdistill.demo.grounding import ground_row
-from chatdistill.models import load_pretrained
+from chatdistill.models import load_pretrained, native_bf16
 from chatdistill.models.packaged import SMOLLM2_FILE, smollm2_gguf
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,12 +51,6 @@ def batches(rows: list[dict], tokenizer, steps: int, batch_size: int, seed: int)
         pick, order = order[:batch_size], order[batch_size:]
         out.append(collate([examples[i] for i in pick], tokenizer.pad_token_id))
     return out
-
-
-def bf16_native() -> bool:
-    """True when this CPU multiplies bf16 natively (else autocast would be slower, not faster)."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def main() -> None:
@@ -84,7 +78,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / args.steps)
     )
-    use_bf16 = bf16_native()
+    use_bf16 = native_bf16()
     plan = batches(rows, tokenizer, args.steps, args.batch_size, args.seed)
     losses, started = [], time.monotonic()
     for step, batch in enumerate(plan, 1):
