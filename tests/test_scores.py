@@ -148,3 +148,31 @@ def test_gap_closed_in_both_directions():
     assert gap_closed(3.0, 2.0, 4.0) == pytest.approx(50.0)
     assert gap_closed(30.0, 50.0, 30.0) == pytest.approx(0.0)
     assert gap_closed(1.0, 2.0, 2.0) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_score_projects_only_scored_positions_with_the_same_numbers(tiny_models, chat_rows, arch):
+    """`token_scoring.score` runs the head at scored positions only; its CE, KL and agreement
+    equal `token_scores` on the models' full (B, T, V) logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatdistill.data import collate, render_example
+    from chatdistill.evaluate.token_scoring import score
+
+    tok = AutoTokenizer.from_pretrained(tiny_models[arch])
+    student = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    examples = [render_example(tok, r["messages"], 128) for r in chat_rows[:6]]
+    got = score(student, examples, 4, tok.pad_token_id, teacher, len(tok))
+    want = TokenSums()
+    with torch.no_grad():
+        for b in range(0, 6, 4):
+            batch = collate(sorted(examples, key=lambda e: len(e.input_ids))[b : b + 4],
+                            tok.pad_token_id)  # fmt: skip
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            s, t = (m(input_ids=ids, attention_mask=mask).logits for m in (student, teacher))
+            want.add(token_scores(s, batch["labels"], t, len(tok)))
+    assert got.tokens == want.tokens > 0
+    assert got.ce == pytest.approx(want.ce, rel=1e-4)
+    assert got.kl_mean == pytest.approx(want.kl_mean, rel=1e-3, abs=1e-6)
+    assert got.agreement == pytest.approx(want.agreement)

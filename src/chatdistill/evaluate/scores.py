@@ -71,18 +71,30 @@ def token_scores(
     vocab_size: int | None = None,
     chunk: int = 512,
 ) -> TokenSums:
+    """`position_scores` on the scored positions of (B, T, V) logits and (B, T) labels."""
+    mask, targets = scored_positions(labels)
+    teacher = teacher_logits[mask] if teacher_logits is not None else None
+    return position_scores(logits[mask], targets, teacher, vocab_size, chunk)
+
+
+def position_scores(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk: int = 512,
+) -> TokenSums:
     """Cross-entropy on scored tokens and, given teacher logits, KL(teacher||student) and top-1
     agreement on the same positions.
 
-    logits (B, T, V_s), labels (B, T), teacher_logits (B, T, V_t). Both distributions are
-    restricted to the first `vocab_size` columns (the shared vocabulary; extra columns are padding
-    that no tokenizer id reaches) and renormalised there. Work is done in float32, `chunk` scored
-    positions at a time, so (N, V) float32 never sits in memory whole.
+    logits (N, V_s) at the N scored positions, targets (N,), teacher_logits (N, V_t). Both
+    distributions are restricted to the first `vocab_size` columns (the shared vocabulary; extra
+    columns are padding that no tokenizer id reaches) and renormalised there. Work is done in
+    float32, `chunk` positions at a time, so (N, V) float32 never sits in memory whole.
     """
-    mask, targets = scored_positions(labels)
     v = vocab_size or logits.shape[-1]
-    student = logits[mask][:, :v]
-    teacher = teacher_logits[mask][:, :v] if teacher_logits is not None else None
+    student = logits[:, :v]
+    teacher = teacher_logits[:, :v] if teacher_logits is not None else None
     sums = TokenSums(tokens=int(targets.numel()))
     for i in range(0, targets.numel(), chunk):
         s_logp = F.log_softmax(student[i : i + chunk].float(), dim=-1)
