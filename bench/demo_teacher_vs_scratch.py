@@ -35,7 +35,7 @@ from chatdistill.demo.run import MAX_LENGTH, TEACHER_ADAPTER  # noqa: E402
 from chatdistill.distill.train import train  # noqa: E402
 from chatdistill.evaluate.config import EvalConfig  # noqa: E402
 from chatdistill.evaluate.run import evaluate  # noqa: E402
-from chatdistill.models import native_bf16, resolve  # noqa: E402
+from chatdistill.models import fast_bf16, resolve  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "demo_teacher_vs_scratch.json"
 
@@ -78,7 +78,7 @@ def main() -> None:
             "train.batch_size": args.batch_size, "train.lr": args.lr,
             "train.warmup_steps": max(1, args.steps // 20), "train.min_lr_ratio": 0.05,
             "train.eval_every": 0, "train.save_every": 1000, "train.seed": seed,
-            "train.precision": "bf16" if native_bf16() else "fp32",
+            "train.precision": "bf16" if fast_bf16() else "fp32",
         })  # fmt: skip
         started = time.monotonic()
         train(recipe)

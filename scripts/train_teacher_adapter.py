@@ -30,7 +30,7 @@ from chatdistill import atomic
 from chatdistill.data import build_dataset, collate
 from chatdistill.demo.data import demo_asset_dir, load_demo_split
 from chatdistill.demo.grounding import ground_row
-from chatdistill.models import load_pretrained, native_bf16
+from chatdistill.models import fast_bf16, load_pretrained
 from chatdistill.models.packaged import SMOLLM2_FILE, smollm2_gguf
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,7 +78,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / args.steps)
     )
-    use_bf16 = native_bf16()
+    use_bf16 = fast_bf16()
     plan = batches(rows, tokenizer, args.steps, args.batch_size, args.seed)
     losses, started = [], time.monotonic()
     for step, batch in enumerate(plan, 1):

@@ -6,11 +6,11 @@ from chatdistill.models.load import (
     DTYPES,
     PRECISIONS,
     default_dtype,
+    fast_bf16,
     inference_dtype,
     load_model,
     load_pretrained,
     load_tokenizer,
-    native_bf16,
 )
 from chatdistill.models.source import ModelSource, resolve
 from chatdistill.models.students import (
@@ -38,7 +38,7 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "load_tokenizer",
-    "native_bf16",
+    "fast_bf16",
     "resolve",
     "student_from_config",
     "tokenizer_fingerprint",
