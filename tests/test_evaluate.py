@@ -114,6 +114,19 @@ def test_quality_and_speed_fields_are_measured(run):
         assert c.peak_memory_mb is None  # memory=False
 
 
+def test_speed_is_measured_once_per_shape(run, setup):
+    """The twin has the teacher's architecture, size and dtype: its speed is the teacher's, said
+    so in the results and the report; the smaller student is timed itself."""
+    m = _by_name(run)
+    teacher, twin, small = m["llama"], m["twin"], m["small"]
+    assert twin.cost.same_shape_as == "llama" and small.cost.same_shape_as is None
+    assert teacher.cost.same_shape_as is None
+    assert twin.cost.decode_tokens_per_s_batch1 == teacher.cost.decode_tokens_per_s_batch1
+    assert small.cost.decode_tokens_per_s_batch1 != teacher.cost.decode_tokens_per_s_batch1
+    summary = (setup["root"] / "out" / "summary.md").read_text()
+    assert "twin: speed and memory measured on llama" in summary
+
+
 def test_samples_show_every_models_answer(run):
     assert len(run.samples) == 2
     assert set(run.samples[0].answers) == {"llama", "small", "twin"}
@@ -210,6 +223,7 @@ def test_cli_prints_whole_tables_into_a_file_or_pipe(setup, capsys):
 def test_cli_eval_measures_memory_and_prints_tables(setup, capsys):
     out = setup["root"] / "cli-out"
     argv = ["eval", "--teacher", str(setup["teacher"]), "--student", str(setup["small"])]
+    argv += ["--student", str(setup["twin"])]
     argv += ["--data", str(setup["data"]), "--output", str(out), "--max-samples", "2"]
     argv += ["--max-new-tokens", "4", "--speed-prompts", "1", "--speed-new-tokens", "2"]
     argv += ["--no-model-card"]
@@ -218,6 +232,7 @@ def test_cli_eval_measures_memory_and_prints_tables(setup, capsys):
     results = json.loads((out / "results.json").read_text())
     mem = {m["name"]: m["cost"]["peak_memory_mb"] for m in results["models"]}
     assert all(v > 0 for v in mem.values())
+    assert mem["twin"] == mem["llama"] != mem["small"]  # measured once per shape
     assert "fresh process per model" in results["settings"]["memory_method"]
 
 

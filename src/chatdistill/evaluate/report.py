@@ -141,7 +141,12 @@ def tables(results: EvalResult) -> list[tuple[str, str, list[str], list[list[str
         )
     if students:
         out.append(("Teacher quality kept", kept_note(results), *build(KEPT, students)))
-    cost_note = f"Peak memory: {results.settings.memory_method}."
+    cost_note = f"Peak memory: {results.settings.memory_method}." + "".join(
+        f" {m.name}: speed and memory measured on {m.cost.same_shape_as} (same architecture, "
+        "size and dtype)."
+        for m in models
+        if m.cost.same_shape_as
+    )
     out.append(("Cost and speed", cost_note, *build(COST, models)))
     return out
 

@@ -53,6 +53,9 @@ class Cost:
     size_on_disk_bytes: int
     peak_memory_mb: float | None = None
     """None when not measured (--no-memory)"""
+    same_shape_as: str | None = None
+    """the model evaluated earlier whose speed and memory these are: it has the same
+    architecture, size and dtype, so they are measured once (and not with twice the noise)"""
 
 
 @dataclass

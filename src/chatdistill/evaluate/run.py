@@ -12,6 +12,7 @@ runs them in order and writes the reports.
 """
 
 import gc
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -83,11 +84,32 @@ def _free(engine) -> None:
         torch.cuda.empty_cache()
 
 
+SPEED_KEYS = (
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s_batch1",
+    "decode_tokens_per_s_batch8",
+    "time_to_first_token_s",
+)
+
+
+def shape_key(model: torch.nn.Module) -> str:
+    """What a model's speed and memory depend on: its architecture config (names and version
+    stamps left out), parameter count and dtype."""
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
+    }
+    dtype = next(model.parameters()).dtype
+    return json.dumps([config, count_parameters(model), str(dtype)], sort_keys=True, default=str)
+
+
 def _evaluate_one(
-    engine, items, cfg, teacher=None, vocab=None, teacher_answers=None
+    engine, items, cfg, teacher=None, vocab=None, teacher_answers=None, known_speed=None
 ) -> tuple[Quality, Fidelity | None, dict, list[str], int]:
     """Quality, fidelity and cost (parameters and speed) of one loaded model; fidelity needs the
-    teacher's model and answers. Returns them with its answers and the number of scored tokens."""
+    teacher's model and answers; `known_speed` (a same-shape model's `SPEED_KEYS`) replaces the
+    speed probe. Returns them with its answers and the number of scored tokens."""
     examples = [it.example for it in items if it.example is not None]
     pad = engine.tokenizer.pad_token_id  # the loader always sets one
     on_refs = cfg.fidelity_on == "references"
@@ -107,11 +129,10 @@ def _evaluate_one(
             top1_agreement=fid.agreement,
             rouge_l_vs_teacher=scores.mean_rouge_l(answers, teacher_answers),
         )
-    speed_ids = [prompt_ids(engine, it.prompt, cfg.speed_new_tokens) for it in items]
-    cost = {
-        "parameters": count_parameters(engine.model),
-        **speed_probe(engine, speed_ids[: cfg.speed_prompts], cfg.speed_new_tokens),
-    }
+    if known_speed is None:
+        speed_ids = [prompt_ids(engine, it.prompt, cfg.speed_new_tokens) for it in items]
+        known_speed = speed_probe(engine, speed_ids[: cfg.speed_prompts], cfg.speed_new_tokens)
+    cost = {"parameters": count_parameters(engine.model), **known_speed}
     return quality, fidelity, cost, answers, sums.tokens
 
 
@@ -143,10 +164,12 @@ def _kept(student: Quality, teacher: Quality, baseline: Quality | None) -> Kept:
 
 
 def _measure_memory(models: list[ModelResult], items: list[TestItem], cfg: EvalConfig) -> str:
-    """Fill in each model's peak memory while answering the first batch of prompts; return how
-    it was measured (see MEMORY_METHODS)."""
+    """Fill in each model's peak memory while answering the first batch of prompts (once per
+    shape: a model with `same_shape_as` gets that model's); return how it was measured (see
+    MEMORY_METHODS)."""
     probes = []
-    for m in models:
+    measured_models = [m for m in models if m.cost.same_shape_as is None]
+    for m in measured_models:
         tok = load_tokenizer(m.path)
         ids = [render_prompt(tok, it.prompt) for it in items[: cfg.batch_size]]
         probes.append((m.path, ids))
@@ -154,8 +177,9 @@ def _measure_memory(models: list[ModelResult], items: list[TestItem], cfg: EvalC
     # cores (their start-up, mostly importing torch, is most of the time).
     with ThreadPoolExecutor(max_workers=max(1, min(len(probes), os.cpu_count() or 1))) as pool:
         measured = list(pool.map(lambda probe: memory_probe(*probe, cfg), probes))
-    for m, (peak, _) in zip(models, measured, strict=True):
-        m.cost.peak_memory_mb = peak
+    peaks = {m.name: peak for m, (peak, _) in zip(measured_models, measured, strict=True)}
+    for m in models:
+        m.cost.peak_memory_mb = peaks[m.cost.same_shape_as or m.name]
     return MEMORY_METHODS[measured[-1][1]]
 
 
@@ -196,22 +220,31 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
         raise UserError(f"names {names}: give {len(roles)} distinct names, one per model")
     models: list[ModelResult] = []
     answers: dict[str, list[str]] = {}
+    shapes: dict[str, ModelResult] = {}  # shape_key -> the model whose speed was measured
     for (role, path, _), name in zip(roles, names, strict=True):
         say(f"evaluating {role} {name} ...")
+        engine = teacher if role == "teacher" else load_engine(sources[path], cfg.device, cfg.dtype)
+        key = shape_key(engine.model)
+        same = shapes.get(key)
+        known = {k: getattr(same.cost, k) for k in SPEED_KEYS} if same else None
         if role == "teacher":
             quality, fidelity, cost, ans, scored_tokens = _evaluate_one(teacher, items, cfg)
         else:
-            engine = load_engine(sources[path], cfg.device, cfg.dtype)
             vocab = check_vocab(teacher.tokenizer, engine.tokenizer, teacher.model, engine.model)
             quality, fidelity, cost, ans, _ = _evaluate_one(
-                engine, items, cfg, teacher.model, vocab, answers[names[0]]
+                engine, items, cfg, teacher.model, vocab, answers[names[0]], known
             )
             _free(engine)
         src = sources[path]
         own = src.adapter or path
-        cost = Cost(**cost, size_on_disk_bytes=weights_size(own, src.base))
+        cost = Cost(
+            **cost,
+            size_on_disk_bytes=weights_size(own, src.base),
+            same_shape_as=same.name if same else None,
+        )
         source = src.record()
         models.append(ModelResult(name, role, str(path), quality, fidelity, cost, source=source))
+        shapes.setdefault(key, models[-1])
         answers[name] = ans
     speculative = None
     if cfg.draft:
