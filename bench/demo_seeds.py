@@ -10,6 +10,10 @@ speed at batch 1 as a multiple of the teacher's.
 
     python bench/demo_seeds.py [--seeds 0,1,2] [--output runs/bench-demo-seeds] [--steps N]
 
+A finished seed leaves its figures in OUTPUT/seed-N/seed_figures.json and is not run again, so
+seeds can run in separate processes (`--seeds 1 --threads 1` beside `--seeds 2 --threads 1`)
+and a last call with every seed gathers them.
+
 Writes bench/results/demo_seeds.json.
 """
 
@@ -58,8 +62,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        cfg = DemoConfig(output=f"{args.output}/seed-{seed}", seed=seed, steps=args.steps)
+        out = Path(args.output) / f"seed-{seed}"
+        done = out / "seed_figures.json"  # one seed's figures, for a later call to gather
+        if done.is_file() and json.loads(done.read_text())["steps"] == args.steps:
+            runs[seed] = json.loads(done.read_text())["figures"]
+            print(f"seed {seed}: figures from {done}")
+            continue
+        cfg = DemoConfig(output=str(out), seed=seed, steps=args.steps)
         runs[seed] = measure(run_demo(cfg, say=lambda msg: print(msg, flush=True)))
+        done.write_text(json.dumps({"steps": args.steps, "figures": runs[seed]}))
 
     cols = [("teacher", "accuracy"), ("KD", "accuracy"), ("KD", "kept"), ("(a) cut", "accuracy"),
             ("(b) SFT", "accuracy"), ("KD", "agreement"), ("(b) SFT", "agreement"),

@@ -109,6 +109,20 @@ def test_sft_trains_a_fresh_model_without_a_teacher(
     assert all("kd" not in r for r in lines)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_frozen_embeddings_stay_the_teachers(tmp_path, tiny_models, chat_file, arch):
+    """train.freeze_embeddings: the cut student's token embeddings (and the head tied to them in
+    the tiny gpt2) end as the teacher's, while its layers learn."""
+    cfg = _cfg(tmp_path / "out", tiny_models[arch], chat_file,
+               **{"train.freeze_embeddings": True, "train.lr": 1e-2})  # fmt: skip
+    student = _weights(train(cfg))
+    teacher = _weights(tiny_models[arch])
+    embed = "model.embed_tokens.weight" if arch == "llama" else "transformer.wte.weight"
+    assert torch.equal(student[embed], teacher[embed])
+    changed = [k for k in student if k != embed and not torch.equal(student[k], teacher[k])]
+    assert changed
+
+
 def test_existing_checkpoints_need_resume(tmp_path, tiny_models, chat_file):
     cfg = _cfg(tmp_path / "o", tiny_models["llama"], chat_file, **{"train.max_steps": 2})
     train(cfg)

@@ -50,6 +50,12 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(10, ge=0, description="linear warmup, then cosine decay")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a share of the peak")
     max_grad_norm: float = Field(1.0, gt=0)
+    freeze_embeddings: bool = Field(
+        False,
+        description="keep the student's token embeddings (and an output head tied to them) as "
+        "they are: a student cut from its teacher keeps the teacher's, and its steps skip their "
+        "gradients and optimizer updates",
+    )
     eval_every: int = Field(50, ge=0, description="steps between validation runs (0 = end only)")
     save_every: int = Field(50, ge=0, description="steps between checkpoints (0 = end only)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")

@@ -236,8 +236,10 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     loss_module = StudentLoss(student, vocab, cfg.loss, fused=not sharded)
     # The fused AdamW kernel (CPU and CUDA) updates all parameters in one pass.
+    if cfg.train.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
     optimizer = torch.optim.AdamW(
-        student.parameters(),
+        [p for p in student.parameters() if p.requires_grad],
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
         fused=accelerator.device.type in ("cpu", "cuda"),
