@@ -22,6 +22,12 @@ def tiny_teacher(tmp_path_factory):
     return build_tiny_model(out, demo_asset_dir() / "tokenizer", "llama")
 
 
+@pytest.mark.parametrize("flag", ["--steps", "--eval-samples", "--prompts", "--student-layers"])
+def test_demo_counts_below_one_are_one_line_errors(tmp_path, capsys, flag):
+    assert main(["demo", "--output", str(tmp_path), flag, "0"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {flag} 0: must be at least 1"
+
+
 @pytest.mark.slow
 def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     cfg = DemoConfig(

@@ -21,38 +21,32 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         "(default: SmolLM2-135M-Instruct with the shipped adapter)",
     )
     p.add_argument(
-        "--student-layers", type=int, default=10, help="teacher layers the student keeps"
+        "--student-layers", type=int, help="teacher layers the student keeps (default 10)"
     )
-    p.add_argument("--prompts", type=int, default=1000, help="train prompts the teacher answers")
+    p.add_argument("--prompts", type=int, help="train prompts the teacher answers (default 1000)")
     p.add_argument(
-        "--labelled-fraction", type=float, default=0.1, help="share of prompts with human answers"
+        "--labelled-fraction", type=float, help="share of prompts with human answers (default 0.1)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=180, help="optimizer steps per student")
-    p.add_argument("--eval-samples", type=int, default=120, help="test conversations evaluated")
+    p.add_argument(
+        "--steps", type=int, help="optimizer steps per student (default: the demo's recipe)"
+    )
+    p.add_argument("--eval-samples", type=int, help="test conversations evaluated (default 120)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from chatdistill.demo.run import DemoConfig, run_demo
 
-    counts = {"--steps": args.steps, "--eval-samples": args.eval_samples,
-              "--prompts": args.prompts, "--student-layers": args.student_layers}  # fmt: skip
-    for flag, value in counts.items():
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be at least 1")
-    run_demo(
-        DemoConfig(
-            output=args.output,
-            teacher=args.teacher,
-            student_layers=args.student_layers,
-            prompts=args.prompts,
-            labelled_fraction=args.labelled_fraction,
-            seed=args.seed,
-            steps=args.steps,
-            eval_samples=args.eval_samples,
-        )
-    )
+    given = {"steps": args.steps, "eval_samples": args.eval_samples, "prompts": args.prompts,
+             "student_layers": args.student_layers}  # fmt: skip
+    for name, value in given.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.labelled_fraction is not None:
+        given["labelled_fraction"] = args.labelled_fraction
+    settings = {k: v for k, v in given.items() if v is not None}
+    run_demo(DemoConfig(output=args.output, teacher=args.teacher, seed=args.seed, **settings))
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
