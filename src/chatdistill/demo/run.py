@@ -56,10 +56,14 @@ class DemoConfig:
     labelled_fraction: float = 0.1
     """share of the prompts whose human answers the demo may use"""
     seed: int = 0
-    steps: int = 180
+    steps: int = 600
     """optimizer steps for the KD student and for the SFT baseline (same budget)"""
-    batch_size: int = 16
-    lr: float = 5e-4
+    batch_size: int = 4
+    """conversations per step: at a fixed budget of conversations, more and smaller steps healed
+    the cut far better (bench/demo_recipes.py: 61.7% accuracy at 4 per step vs 13.6% at 16)"""
+    lr: float = 1.5e-3
+    freeze_embeddings: bool = True
+    """keep the teacher's token embeddings (and tied head): 1.4x faster steps, lower CE"""
     temperature: float = 1.0
     ce_weight: float = 0.5
     """CE on the teacher's answers and the labelled rows vs forward KL to its log-probs; 1 = CE
@@ -178,8 +182,9 @@ def _common(cfg: DemoConfig, paths: dict, teacher: str, layers: list[int]) -> di
         "train.weight_decay": 0.01,
         "train.warmup_steps": max(1, cfg.steps // 20),
         "train.min_lr_ratio": 0.1,
+        "train.freeze_embeddings": cfg.freeze_embeddings,
         "train.eval_every": 0,
-        "train.save_every": 20,
+        "train.save_every": 100,
         "train.log_every": 5,
         "train.seed": cfg.seed,
         # bf16 matrix multiplies where they are faster here (master weights stay float32).
