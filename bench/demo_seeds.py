@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,6 +53,17 @@ def measure(results) -> dict:
     return out
 
 
+def share_answers(root: Path, out: Path) -> None:
+    """Give a seed's run the teacher's answers another seed's run made (greedy, seed-free): the
+    demo checks their settings and prompts, and answers again if they differ."""
+    name = "data/teacher_answers.jsonl"
+    done = [d for d in sorted(root.glob("seed-*")) if (d / f"{name}.generate.json").is_file()]
+    if done and not (out / name).exists():
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        for suffix in ("", ".generate.json"):
+            shutil.copyfile(done[0] / f"{name}{suffix}", out / f"{name}{suffix}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -68,6 +80,7 @@ def main() -> None:
             runs[seed] = json.loads(done.read_text())["figures"]
             print(f"seed {seed}: figures from {done}")
             continue
+        share_answers(Path(args.output), out)
         cfg = DemoConfig(output=str(out), seed=seed, steps=args.steps)
         runs[seed] = measure(run_demo(cfg, say=lambda msg: print(msg, flush=True)))
         done.write_text(json.dumps({"steps": args.steps, "figures": runs[seed]}))
