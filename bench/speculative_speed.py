@@ -12,7 +12,7 @@ ever slows a run down, and interleaving spreads drift over all of them alike.
 
     python bench/speculative_speed.py TEACHER DRAFT [DRAFT ...] [--draft-tokens 2 4 6]
         [--data chat.jsonl] [--prompts 16] [--new-tokens 128] [--concurrency 8]
-        [--device cuda] [--dtype bfloat16] [--repeats 3] [--output results.json]
+        [--device cuda] [--dtype bfloat16] [--repeats 3] [--int8] [--output results.json]
 
 TEACHER and each DRAFT: a model directory, GGUF file or `hf:org/name`. Prompts default to the
 bundled demo test set. Writes bench/results/speculative_speed.json unless --output says otherwise.
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--device", help="default: cuda when available")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: the loader's default")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--int8", action="store_true", help="each draft also with int8 linears (CPU)")
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args()
     if args.threads:
@@ -101,9 +102,10 @@ def main() -> None:
     configs = [("teacher alone", None, teacher)]
     for path in args.drafts:
         for k in args.draft_tokens:
-            engine = Engine(teacher.model, teacher.tokenizer)
-            load_draft(engine, path, k)
-            configs.append((name_of(path), k, engine))
+            for int8 in (False, True) if args.int8 else (False,):
+                engine = Engine(teacher.model, teacher.tokenizer)
+                load_draft(engine, path, k, int8=int8)
+                configs.append((name_of(path) + (", int8" if int8 else ""), k, engine))
     for _, _, engine in configs:  # warm-up: kernels, allocator, caches
         engine.generate(prompts[:1], SamplingParams(max_new_tokens=8), batch_size=1)
 

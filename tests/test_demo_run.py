@@ -55,6 +55,8 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
         "kd_student", "baseline_cut_untrained", "baseline_sft_labelled"
     ]  # fmt: skip
     assert "agree %" in table[0] and "KL" in table[0]
+    # The baselines have the student's shape: its speed and memory, measured once.
+    assert "baseline_sft_labelled: speed and memory measured on kd_student" in "\n".join(lines)
     assert json.loads((out / "results.json").read_text())["settings"]["fidelity_on"] == "teacher"
     assert any("evaluating student kd_student" in line for line in lines)
     printed = "\n".join(lines).splitlines()

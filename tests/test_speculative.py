@@ -20,7 +20,13 @@ from chatdistill.inference.engine import (
 )
 from chatdistill.inference.kv_cache import GrowingCache
 from chatdistill.inference.scheduler import Scheduler
-from chatdistill.inference.speculative import accept_drafted, attach_draft, filtered_probs
+from chatdistill.inference.speculative import (
+    accept_drafted,
+    attach_draft,
+    filtered_probs,
+    int8_linears,
+    load_draft,
+)
 from chatdistill.models import cut_student
 from chatdistill.models.tokenizer import train_bpe_tokenizer
 from chatdistill.serve.app import create_app
@@ -54,11 +60,13 @@ def teachers(tiny_models) -> dict[str, Engine]:
 @pytest.fixture(scope="module")
 def drafts(teachers, tmp_path_factory, tokenizer_dir) -> dict[tuple[str, str], Engine]:
     """Per (teacher arch, kind): "self" (the teacher itself: every draft is accepted), "cut" (two of
-    its four layers: often accepted) and "other" (a smaller model initialised apart: rarely)."""
+    its four layers: often accepted), "int8" (that cut with int8 linear layers) and "other" (a
+    smaller model initialised apart: rarely)."""
     out = {}
     for arch, t in teachers.items():
         out[arch, "self"] = Engine(t.model, t.tokenizer)
         out[arch, "cut"] = Engine(cut_student(t.model, [0, 3]).eval(), t.tokenizer)
+        out[arch, "int8"] = Engine(cut_student(t.model, [0, 3]).eval(), t.tokenizer)
     other = build_tiny_model(
         tmp_path_factory.mktemp("other"), tokenizer_dir, "llama", seed=1, num_hidden_layers=2
     )
@@ -88,6 +96,8 @@ def prompts(teachers) -> list[list[int]]:
         ("llama", "cut", 1),
         ("gpt2", "cut", 3),
         ("qwen2", "cut", 5),
+        ("llama", "int8", 3),
+        ("qwen2", "int8", 2),
     ],
 )
 def test_greedy_output_is_the_teachers_token_for_token(teachers, drafts, prompts, arch, kind, k):
@@ -95,6 +105,8 @@ def test_greedy_output_is_the_teachers_token_for_token(teachers, drafts, prompts
     params = SamplingParams(max_new_tokens=12)
     alone = teacher.generate(prompts[:4], params, batch_size=1)
     engine = speculative(teacher, drafts[arch, kind], k)
+    if kind == "int8":  # as load_draft does it: after attach_draft's checks
+        engine.draft.engine.model = int8_linears(engine.draft.engine.model)
     got = engine.generate(prompts[:4], params, batch_size=1)
     for a, b in zip(alone, got, strict=True):
         assert b.token_ids == a.token_ids
@@ -105,6 +117,22 @@ def test_greedy_output_is_the_teachers_token_for_token(teachers, drafts, prompts
         assert accepted == drafted  # also exercises the bonus token after k accepted
     if kind == "other":
         assert accepted < drafted  # and the teacher's correction after a rejection
+
+
+def test_load_draft_int8_quantizes_the_drafts_linears_and_keeps_the_answers(
+    teachers, tiny_models, prompts
+):
+    teacher = teachers["llama"]
+    engine = Engine(teacher.model, teacher.tokenizer)
+    draft = load_draft(engine, str(tiny_models["llama"]), 3, int8=True)
+    kinds = {type(m).__module__ for m in draft.engine.model.modules()}
+    assert "torch.ao.nn.quantized.dynamic.modules.linear" in kinds
+    assert not any(type(m) is torch.nn.Linear for m in draft.engine.model.modules())
+    params = SamplingParams(max_new_tokens=10)
+    alone = teacher.generate(prompts[:3], params, batch_size=1)
+    got = engine.generate(prompts[:3], params, batch_size=1)
+    assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    assert draft.counts()[0] > 0
 
 
 def test_rows_batched_first_finish_alone_speculatively_and_identically(teachers, drafts, prompts):

@@ -21,6 +21,12 @@ def add_draft_flags(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="tokens the draft proposes per step (default: 4)",
     )
+    p.add_argument(
+        "--draft-int8",
+        action="store_true",
+        help="run the draft's linear layers in int8 (CPU): a quarter of the bytes per drafted "
+        "token; the answers stay the teacher's",
+    )
 
 
 def check_draft_flags(args: argparse.Namespace) -> None:
@@ -102,6 +108,7 @@ def _run_serve(args: argparse.Namespace) -> None:
         device=args.device,
         draft=args.draft,
         draft_tokens=args.draft_tokens,
+        draft_int8=args.draft_int8,
     )
 
 
@@ -137,4 +144,5 @@ def _run_chat(args: argparse.Namespace) -> None:
         device=args.device,
         draft=args.draft,
         draft_tokens=args.draft_tokens,
+        draft_int8=args.draft_int8,
     )

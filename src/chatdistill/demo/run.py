@@ -167,6 +167,7 @@ def _train(name: str, out: Path, overrides: dict, say) -> Path:
     out_dir = train(cfg, resume=(model_dir / "checkpoints").is_dir())
     # Checkpoints only serve a resume; a finished stage is reused from its final model.
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    say(f"[{name}] done; the demo removed its checkpoints (a finished stage needs none)")
     return out_dir
 
 
@@ -323,6 +324,11 @@ def summary(results: EvalResult) -> str:
         "teacher and KL(teacher||model) on the teacher's own answers to the test prompts.\n"
         "(a) baseline_cut_untrained: the student's starting point, no training; "
         "(b) baseline_sft_labelled: the same cut, SFT on the labelled rows, same steps."
+        + "".join(
+            f"\n{m.name}: speed and memory measured on {m.cost.same_shape_as} (same shape)"
+            for m in results.models
+            if m.cost.same_shape_as
+        )
     )
 
 

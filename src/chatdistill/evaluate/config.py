@@ -45,6 +45,8 @@ class EvalConfig:
     """a draft model for the teacher: its speculative decoding speed is measured too"""
     draft_tokens: int = 4
     """tokens the draft proposes per step"""
+    draft_int8: bool = False
+    """run the draft's linear layers in int8 (CPU)"""
     names: list[str] | None = None
     """names shown for teacher, students and baseline, in that order (default: their folder
     names)"""

@@ -118,14 +118,19 @@ def memory_probe(path: str, prompts: list[list[int]], cfg: EvalConfig) -> tuple[
 
 
 def draft_probe(
-    engine, draft: str, draft_tokens: int, prompts: list[list[int]], new_tokens: int
+    engine,
+    draft: str,
+    draft_tokens: int,
+    prompts: list[list[int]],
+    new_tokens: int,
+    int8: bool = False,
 ) -> dict:
     """The engine's speed with a speculative `draft` attached (`speed_probe` figures), the draft's
     acceptance rate, and how many greedy answers to `prompts` (batch 1, where speculation runs)
     stay identical to the engine's alone. The draft is detached afterwards."""
     greedy = SamplingParams(max_new_tokens=new_tokens)
     alone = engine.generate(prompts, greedy, batch_size=1)
-    attached = load_draft(engine, draft, draft_tokens)
+    attached = load_draft(engine, draft, draft_tokens, int8=int8)
     try:
         drafted = engine.generate(prompts, greedy, batch_size=1)
         speed = speed_probe(engine, prompts, new_tokens)
@@ -134,6 +139,7 @@ def draft_probe(
     return {
         "draft": draft,
         "draft_tokens": draft_tokens,
+        "draft_int8": int8,
         **speed,
         "acceptance_rate": attached.acceptance_rate,
         "identical_greedy_answers": sum(

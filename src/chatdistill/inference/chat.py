@@ -84,6 +84,7 @@ def run_chat(
     device: str | None = None,
     draft: str | None = None,
     draft_tokens: int = 4,
+    draft_int8: bool = False,
 ) -> None:
     """Chat with the model in `model_dir` on stdin/stdout until /exit, Ctrl-C or Ctrl-D; with
     `draft`, answers decode speculatively with that model proposing `draft_tokens` a step."""
@@ -98,7 +99,7 @@ def run_chat(
     if draft is not None:
         from chatdistill.inference.speculative import load_draft
 
-        load_draft(engine, draft, draft_tokens)
+        load_draft(engine, draft, draft_tokens, int8=draft_int8)
     conversation = Conversation(engine, system, max_new_tokens)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):

@@ -90,18 +90,38 @@ def attach_draft(
     return teacher.draft
 
 
-def load_draft(teacher: Engine, path: str, tokens: int = DEFAULT_DRAFT_TOKENS) -> Draft:
+def load_draft(
+    teacher: Engine, path: str, tokens: int = DEFAULT_DRAFT_TOKENS, int8: bool = False
+) -> Draft:
     """Load the draft at `path` (directory, GGUF file or `hf:` id) on the teacher's device and in
-    its dtype, and attach it (`attach_draft`). A wrong tokenizer fails before the weights load."""
+    its dtype, and attach it (`attach_draft`). A wrong tokenizer fails before the weights load.
+    With `int8` (CPU only) its linear layers run as dynamic int8 (`int8_linears`)."""
     if tokens < 1:
         raise UserError(f"--draft-tokens {tokens}: must be at least 1")
+    if int8 and teacher.device.type != "cpu":
+        raise UserError(f"--draft-int8 runs on a CPU only; the teacher is on {teacher.device}")
     try:
         check_vocab(teacher.tokenizer, load_tokenizer(path, "--draft"))
     except UserError as e:
         raise UserError(f"--draft {path} cannot serve as this teacher's draft: {e}") from None
     dtype = next(teacher.model.parameters()).dtype
     model, tokenizer, _ = load_pretrained(path, "--draft", dtype=dtype, device=teacher.device)
-    return attach_draft(teacher, Engine(model.eval(), tokenizer), tokens, name=f"--draft {path}")
+    draft = attach_draft(teacher, Engine(model.eval(), tokenizer), tokens, name=f"--draft {path}")
+    if int8:  # after attach_draft's checks, which count the float parameters
+        draft.engine.model = int8_linears(draft.engine.model)
+    return draft
+
+
+def int8_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every `nn.Linear` (the output head included) replaced by a dynamic int8
+    one: int8 weights, activations quantized per call. A batch-1 draft step on a CPU is bound by
+    reading weights, and these are a quarter of float32's bytes. The teacher still checks every
+    drafted token, so the answers stay the teacher's; only how often drafts are accepted moves."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice; the kernels are current
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
 
 
 class SpeculativeDecoder:

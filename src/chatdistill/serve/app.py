@@ -154,6 +154,7 @@ def run_server(
     log_level: str = "info",
     draft: str | None = None,
     draft_tokens: int = 4,
+    draft_int8: bool = False,
 ) -> None:
     """Load the model in `model_dir` and serve it until interrupted; with `draft`, a lone request
     decodes speculatively with that model proposing `draft_tokens` a step."""
@@ -162,7 +163,7 @@ def run_server(
     if draft is not None:
         from chatdistill.inference.speculative import load_draft
 
-        load_draft(engine, draft, draft_tokens)
+        load_draft(engine, draft, draft_tokens, int8=draft_int8)
     name = model_name or Path(model_dir).resolve().name
     cfg = ServeConfig(
         model_name=name,
