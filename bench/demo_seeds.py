@@ -2,7 +2,8 @@
 
 Runs `chatdistill demo` (its defaults unless flags say otherwise) once per seed; the seed draws
 the labelled subset and seeds training, the teacher and its prompts stay the same. Stages a
-previous run finished are reused (copy `runs/demo` to `OUTPUT/seed-0` to reuse `make demo`).
+previous run finished are reused (copy `runs/demo` to `OUTPUT/seed-0` to reuse `make demo`; with
+`--reuse-results` its evaluation too).
 Prints, per seed and as mean and spread (max - min): answer accuracy of the teacher, the KD
 student, (a) the untrained cut and (b) SFT on the labelled rows; the share of the teacher's
 accuracy the KD student keeps; top-1 agreement with the teacher on its own answers; and decode
@@ -30,6 +31,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 from chatdistill.demo.run import DemoConfig, run_demo  # noqa: E402
+from chatdistill.evaluate.result import EvalResult  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "demo_seeds.json"
 MODELS = {"teacher": "teacher", "kd_student": "KD", "baseline_cut_untrained": "(a) cut",
@@ -70,6 +72,12 @@ def main() -> None:
     ap.add_argument("--output", default="runs/bench-demo-seeds")
     ap.add_argument("--steps", type=int, default=DemoConfig.steps)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--reuse-results",
+        action="store_true",
+        help="take a seed's figures from its finished demo's results.json (e.g. `make demo`'s "
+        "runs/demo copied to OUTPUT/seed-0 with the same settings) instead of running it",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = {}
@@ -80,9 +88,14 @@ def main() -> None:
             runs[seed] = json.loads(done.read_text())["figures"]
             print(f"seed {seed}: figures from {done}")
             continue
-        share_answers(Path(args.output), out)
-        cfg = DemoConfig(output=str(out), seed=seed, steps=args.steps)
-        runs[seed] = measure(run_demo(cfg, say=lambda msg: print(msg, flush=True)))
+        finished = out / "results.json"
+        if args.reuse_results and finished.is_file():
+            runs[seed] = measure(EvalResult.from_json(json.loads(finished.read_text())))
+            print(f"seed {seed}: figures from {finished}")
+        else:
+            share_answers(Path(args.output), out)
+            cfg = DemoConfig(output=str(out), seed=seed, steps=args.steps)
+            runs[seed] = measure(run_demo(cfg, say=lambda msg: print(msg, flush=True)))
         done.write_text(json.dumps({"steps": args.steps, "figures": runs[seed]}))
 
     cols = [("teacher", "accuracy"), ("KD", "accuracy"), ("KD", "kept"), ("(a) cut", "accuracy"),
