@@ -69,6 +69,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
+        # Every process writes its own RNG state into tmp; renaming tmp before a slower one has
+        # written it made that process fail (seen with two processes on a loaded machine).
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
             (tmp / STATE).write_text(json.dumps({**state, "step": step}))
