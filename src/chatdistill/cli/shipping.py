@@ -39,13 +39,12 @@ def _run_demo(args: argparse.Namespace) -> None:
     from chatdistill.demo.run import DemoConfig, run_demo
 
     given = {"steps": args.steps, "eval_samples": args.eval_samples, "prompts": args.prompts,
-             "student_layers": args.student_layers}  # fmt: skip
-    for name, value in given.items():
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if args.labelled_fraction is not None:
-        given["labelled_fraction"] = args.labelled_fraction
+             "student_layers": args.student_layers,
+             "labelled_fraction": args.labelled_fraction}  # fmt: skip
     settings = {k: v for k, v in given.items() if v is not None}
+    for name in ("steps", "eval_samples", "prompts", "student_layers"):
+        if settings.get(name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {settings[name]}: must be at least 1")
     run_demo(DemoConfig(output=args.output, teacher=args.teacher, seed=args.seed, **settings))
 
 
