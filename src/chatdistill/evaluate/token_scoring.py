@@ -3,7 +3,7 @@ teacher. This runs the models; the arithmetic on logits is `scores.position_scor
 
 import torch
 
-from chatdistill.data import Example, collate, loss_positions
+from chatdistill.data import Example, collate
 from chatdistill.distill.positions import hidden_at_loss_positions
 from chatdistill.evaluate import scores
 from chatdistill.models.students import hidden_and_head
@@ -37,6 +37,6 @@ def score(
             t_dev = next(teacher.parameters()).device
             t_logits = scored_logits(teacher, ids.to(t_dev), mask.to(t_dev), labels.to(t_dev))
             t_logits = t_logits.to(device)
-        targets = labels[:, 1:][loss_positions(labels)]
+        _, targets = scores.scored_positions(labels)
         sums.add(scores.position_scores(logits, targets, t_logits, vocab_size))
     return sums
