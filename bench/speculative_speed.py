@@ -35,7 +35,7 @@ import chatdistill  # noqa: E402
 from chatdistill.data import load_rows, split_prompt_reference  # noqa: E402
 from chatdistill.inference.engine import Completion, Engine, SamplingParams  # noqa: E402
 from chatdistill.inference.packed import can_pack, pack_linears, unpack_linears  # noqa: E402
-from chatdistill.inference.speculative import load_draft  # noqa: E402
+from chatdistill.inference.speculative import MIN_CONFIDENCE, load_draft  # noqa: E402
 from chatdistill.models import DTYPES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speculative_speed.json"
@@ -74,14 +74,18 @@ def ratio(a: float, b: float, digits: int = 3) -> float | None:
 
 
 def name_of(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
+    """A draft's name: its directory, or for a GGUF file `model.gguf` in an export folder, the
+    folder."""
+    parts = path.rstrip("/").split("/")
+    name = parts[-2] if parts[-1] == "model.gguf" and len(parts) > 1 else parts[-1]
+    return name.removesuffix(".gguf")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("teacher")
     ap.add_argument("drafts", nargs="+", metavar="draft")
-    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[4], metavar="K")
+    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[6], metavar="K")
     ap.add_argument("--data", default=str(DEMO_TEST), help="chat rows (JSONL/Parquet)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -91,6 +95,18 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: the loader's default")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--int8", action="store_true", help="each draft also with int8 linears (CPU)")
+    ap.add_argument(
+        "--confidence",
+        type=float,
+        default=MIN_CONFIDENCE,
+        help="a draft stops after a token it gives less probability (0: always all k)",
+    )
+    ap.add_argument(
+        "--gguf-runtime",
+        choices=("torch", "llama.cpp"),
+        default="torch",
+        help="where .gguf drafts run (`--draft-runtime`); llama.cpp needs llama-cpp-python",
+    )
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args()
     if args.threads:
@@ -105,10 +121,15 @@ def main() -> None:
     configs = [("teacher alone", None, teacher)]
     for path in args.drafts:
         for k in args.draft_tokens:
-            for int8 in (False, True) if args.int8 else (False,):
+            in_llama_cpp = path.endswith(".gguf") and args.gguf_runtime == "llama.cpp"
+            for int8 in (False, True) if args.int8 and not in_llama_cpp else (False,):
                 engine = Engine(teacher.model, teacher.tokenizer)
-                load_draft(engine, path, k, int8=int8)
-                configs.append((name_of(path) + (", int8" if int8 else ""), k, engine))
+                runtime = "llama.cpp" if in_llama_cpp else "torch"
+                load_draft(
+                    engine, path, k, int8=int8, runtime=runtime
+                ).min_confidence = args.confidence
+                name = name_of(path) + (", int8" if int8 else "") + (", llama.cpp" * in_llama_cpp)
+                configs.append((name, k, engine))
 
     def ready(engine: Engine) -> Engine:
         """The configs share the teacher's model: pack it for this config's checks, or not."""

@@ -119,6 +119,39 @@ def test_greedy_output_is_the_teachers_token_for_token(teachers, drafts, prompts
         assert accepted < drafted  # and the teacher's correction after a rejection
 
 
+@pytest.mark.parametrize("confidence", [0.0, 1.01])
+def test_a_draft_stops_after_a_token_it_is_unsure_of(teachers, drafts, prompts, confidence):
+    """Above 1 every drafted token is unsure: one per step. At 0 the draft proposes all k."""
+    teacher = teachers["llama"]
+    params = SamplingParams(max_new_tokens=12)
+    alone = teacher.generate(prompts[:2], params, batch_size=1)
+    engine = speculative(teacher, drafts["llama", "other"], 4)
+    engine.draft.min_confidence = confidence
+    steps = []
+    original = engine.draft.decoder
+
+    def counting_decoder():
+        decoder = original()
+        propose = decoder._propose
+
+        def counted(*args):
+            out = propose(*args)
+            steps.append(len(out[0]))
+            return out
+
+        decoder._propose = counted
+        return decoder
+
+    engine.draft.decoder = counting_decoder
+    got = engine.generate(prompts[:2], params, batch_size=1)
+    assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    drafted = [n for n in steps if n]  # (0: the answer's budget left no room to draft)
+    if confidence > 1:
+        assert drafted and set(drafted) == {1}
+    else:  # all k, but for a few steps near each answer's budget (2 answers here)
+        assert len(drafted) - drafted.count(4) <= 2 * 3
+
+
 def test_load_draft_int8_quantizes_the_drafts_linears_and_keeps_the_answers(
     teachers, tiny_models, prompts
 ):

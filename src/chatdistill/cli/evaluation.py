@@ -88,6 +88,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         draft=args.draft,
         draft_tokens=args.draft_tokens,
         draft_int8=args.draft_int8,
+        draft_runtime=args.draft_runtime,
         fidelity_on=args.fidelity_on,
     )
     # soft_wrap: a progress line naming a long path stays one line in a log file.

@@ -43,10 +43,12 @@ class EvalConfig:
     dtype: str | None = None
     draft: str | None = None
     """a draft model for the teacher: its speculative decoding speed is measured too"""
-    draft_tokens: int = 4
-    """tokens the draft proposes per step"""
+    draft_tokens: int = 6
+    """most tokens the draft proposes per step (fewer where it is unsure)"""
     draft_int8: bool = False
     """run the draft's linear layers in int8 (CPU)"""
+    draft_runtime: str = "torch"
+    """where the draft runs: "torch", or "llama.cpp" for a GGUF draft (CPU)"""
     names: list[str] | None = None
     """names shown for teacher, students and baseline, in that order (default: their folder
     names)"""

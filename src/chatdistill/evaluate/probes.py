@@ -124,13 +124,14 @@ def draft_probe(
     prompts: list[list[int]],
     new_tokens: int,
     int8: bool = False,
+    runtime: str = "torch",
 ) -> dict:
     """The engine's speed with a speculative `draft` attached (`speed_probe` figures), the draft's
     acceptance rate, and how many greedy answers to `prompts` (batch 1, where speculation runs)
     stay identical to the engine's alone. The draft is detached afterwards."""
     greedy = SamplingParams(max_new_tokens=new_tokens)
     alone = engine.generate(prompts, greedy, batch_size=1)
-    attached = load_draft(engine, draft, draft_tokens, int8=int8)
+    attached = load_draft(engine, draft, draft_tokens, int8=int8, runtime=runtime)
     try:
         drafted = engine.generate(prompts, greedy, batch_size=1)
         speed = speed_probe(engine, prompts, new_tokens)
@@ -140,6 +141,7 @@ def draft_probe(
         "draft": draft,
         "draft_tokens": draft_tokens,
         "draft_int8": int8,
+        "draft_runtime": runtime,
         **speed,
         "acceptance_rate": attached.acceptance_rate,
         "identical_greedy_answers": sum(

@@ -252,7 +252,13 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> EvalR
         speed_items = items[: cfg.speed_prompts]
         speed_ids = [prompt_ids(teacher, it.prompt, cfg.speed_new_tokens) for it in speed_items]
         speculative = draft_probe(
-            teacher, cfg.draft, cfg.draft_tokens, speed_ids, cfg.speed_new_tokens, cfg.draft_int8
+            teacher,
+            cfg.draft,
+            cfg.draft_tokens,
+            speed_ids,
+            cfg.speed_new_tokens,
+            cfg.draft_int8,
+            cfg.draft_runtime,
         )
         alone = models[0].cost.decode_tokens_per_s_batch1
         spec = speculative["decode_tokens_per_s_batch1"]

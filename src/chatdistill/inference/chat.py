@@ -83,8 +83,9 @@ def run_chat(
     seed: int | None = None,
     device: str | None = None,
     draft: str | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 6,
     draft_int8: bool = False,
+    draft_runtime: str = "torch",
 ) -> None:
     """Chat with the model in `model_dir` on stdin/stdout until /exit, Ctrl-C or Ctrl-D; with
     `draft`, answers decode speculatively with that model proposing `draft_tokens` a step."""
@@ -99,7 +100,7 @@ def run_chat(
     if draft is not None:
         from chatdistill.inference.speculative import load_draft
 
-        load_draft(engine, draft, draft_tokens, int8=draft_int8)
+        load_draft(engine, draft, draft_tokens, int8=draft_int8, runtime=draft_runtime)
     conversation = Conversation(engine, system, max_new_tokens)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):

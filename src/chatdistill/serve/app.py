@@ -153,8 +153,9 @@ def run_server(
     device: str | None = None,
     log_level: str = "info",
     draft: str | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 6,
     draft_int8: bool = False,
+    draft_runtime: str = "torch",
 ) -> None:
     """Load the model in `model_dir` and serve it until interrupted; with `draft`, a lone request
     decodes speculatively with that model proposing `draft_tokens` a step."""
@@ -163,7 +164,7 @@ def run_server(
     if draft is not None:
         from chatdistill.inference.speculative import load_draft
 
-        load_draft(engine, draft, draft_tokens, int8=draft_int8)
+        load_draft(engine, draft, draft_tokens, int8=draft_int8, runtime=draft_runtime)
     name = model_name or Path(model_dir).resolve().name
     cfg = ServeConfig(
         model_name=name,

@@ -1,0 +1,60 @@
+"""A speculative draft run by llama.cpp: the student's GGUF export proposes, the teacher checks.
+
+On a CPU a draft is worth its cost only when it decodes several times faster than the teacher.
+The student's own GGUF export (`chatdistill export --format gguf`, q4_0 or q8_0) decodes in
+llama.cpp at 2-3.6x its PyTorch speed (BENCHMARKS.md), so `--draft-runtime llama.cpp` runs the
+draft there (through `llama-cpp-python`) while the teacher stays in PyTorch and checks every
+token: the answers are still the teacher's. Only the draft's next-token logits cross over; the
+draft keeps its own KV cache in llama.cpp, cut back to the tokens the teacher kept.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatdistill.errors import UserError
+
+INSTALL = (
+    "pip install llama-cpp-python (PyPI has its source only: it compiles llama.cpp, about 15-25 "
+    "minutes on 2 cores)"
+)
+
+
+class LlamaCppDraft:
+    """A GGUF file loaded by llama.cpp for drafting: `next_logits` feeds tokens at a position
+    and returns the logits for the token after them. Everything the speculative decoder needs
+    of a draft engine: `tokenizer`, `device`, `context_length`, `parameters`."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, path: str, tokenizer, context_length: int, threads: int) -> None:
+        try:
+            import llama_cpp
+        except ImportError:
+            message = f"--draft-runtime llama.cpp needs llama-cpp-python: {INSTALL}"
+            raise UserError(message) from None
+        if not (Path(path).is_file() and path.endswith(".gguf")):
+            raise UserError(
+                f"--draft {path}: --draft-runtime llama.cpp takes a .gguf file (make one with "
+                "chatdistill export STUDENT --format gguf)"
+            )
+        self._lib = llama_cpp
+        try:
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=context_length, n_threads=threads,
+                                       n_threads_batch=threads, logits_all=False,
+                                       verbose=False)  # fmt: skip
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"--draft {path}: llama.cpp cannot load it ({e})") from None
+        self.tokenizer = tokenizer
+        self.context_length = self.llm.n_ctx()
+        self.vocab = self.llm.n_vocab()
+        self.parameters = int(llama_cpp.llama_model_n_params(self.llm.model))
+
+    def next_logits(self, feed: list[int], start: int) -> torch.Tensor:
+        """Feed `feed` at positions start.. (dropping whatever the cache held from `start` on:
+        the tokens the teacher rejected) and return the logits for the next token, (V,)."""
+        self.llm.n_tokens = start  # eval() first cuts the KV cache back to n_tokens
+        self.llm.eval(feed)
+        row = np.ctypeslib.as_array(self._lib.llama_get_logits(self.llm.ctx), shape=(self.vocab,))
+        return torch.from_numpy(row.copy())
