@@ -6,9 +6,8 @@ sequence on, so the answers are real ones), one at a time (batch 1, where specul
 decode tokens/s at batch 1 (tokens after the first / time after the first, summed over prompts),
 its ratio to the teacher alone measured in the same run, the draft's acceptance rate (accepted /
 drafted tokens at batch 1), tokens/s under concurrent load (all tokens / wall time, prefills
-included) and whether every greedy answer is token for token the teacher's alone. The
-configurations share the teacher's model, packed for each one's checks (`inference.packed`) and
-unpacked for the teacher alone. Every configuration runs once per round, `--repeats` rounds, best
+included) and whether every greedy answer is token for token the teacher's alone. Every
+configuration runs once per round, `--repeats` rounds, best
 time kept: load on the machine only ever slows a run down, and interleaving spreads drift over all
 of them alike.
 
@@ -34,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import chatdistill  # noqa: E402
 from chatdistill.data import load_rows, split_prompt_reference  # noqa: E402
 from chatdistill.inference.engine import Completion, Engine, SamplingParams  # noqa: E402
-from chatdistill.inference.packed import can_pack, pack_linears, unpack_linears  # noqa: E402
 from chatdistill.inference.speculative import MIN_CONFIDENCE, load_draft  # noqa: E402
 from chatdistill.models import DTYPES  # noqa: E402
 
@@ -131,24 +129,14 @@ def main() -> None:
                 name = name_of(path) + (", int8" if int8 else "") + (", llama.cpp" * in_llama_cpp)
                 configs.append((name, k, engine))
 
-    def ready(engine: Engine) -> Engine:
-        """The configs share the teacher's model: pack it for this config's checks, or not."""
-        if engine.draft is None:
-            unpack_linears(teacher.model)
-        elif can_pack(teacher.model):
-            pack_linears(teacher.model, engine.draft.tokens + 1)
-        return engine
-
     for _, _, engine in configs:  # warm-up: kernels, allocator, caches
-        ready(engine).generate(prompts[:1], SamplingParams(max_new_tokens=8), batch_size=1)
+        engine.generate(prompts[:1], SamplingParams(max_new_tokens=8), batch_size=1)
 
     best: list[dict] = [{"b1": 0.0, "load": 0.0, "drafted": 0, "accepted": 0} for _ in configs]
     answers: list[list[list[int]]] = [[] for _ in configs]
     for _ in range(args.repeats):
         for i, (_, _, engine) in enumerate(configs):
-            single, (drafted, accepted), load = run_round(
-                ready(engine), prompts, params, args.concurrency
-            )
+            single, (drafted, accepted), load = run_round(engine, prompts, params, args.concurrency)
             b = best[i]
             b["b1"] = max(b["b1"], decode_rate(single) or 0.0)
             b["load"] = max(b["load"], load)

@@ -13,7 +13,7 @@ import torch
 
 from chatdistill.evaluate.config import EvalConfig
 from chatdistill.inference.engine import SamplingParams
-from chatdistill.inference.speculative import detach_draft, load_draft
+from chatdistill.inference.speculative import load_draft
 
 WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data", ".onnx.data"
@@ -136,7 +136,7 @@ def draft_probe(
         drafted = engine.generate(prompts, greedy, batch_size=1)
         speed = speed_probe(engine, prompts, new_tokens)
     finally:
-        detach_draft(engine)
+        engine.draft = None
     return {
         "draft": draft,
         "draft_tokens": draft_tokens,

@@ -11,9 +11,6 @@ norm(max(0, p - q)), and when all k are kept one more token comes from p. p and 
 and the draft's distributions after the request's temperature, top-k and top-p, filtered by the
 engine's own sampler code.
 
-On a CPU in float32 the teacher's weights are packed once for checks of k + 1 rows (`packed`),
-and shorter proposals are padded up to that height.
-
 Speculation runs while one sequence is decoding (batch 1: a step is memory-bound there and the
 teacher's spare compute is free); with several rows the engine's batched step runs as before.
 `DecodeBatch.step` makes that choice. Both models keep their KV caches: after each step the rejected
@@ -36,7 +33,6 @@ from chatdistill.inference.engine import (
 )
 from chatdistill.inference.kv_cache import GrowingCache
 from chatdistill.inference.llama_cpp_draft import LlamaCppDraft
-from chatdistill.inference.packed import can_pack, pack_linears, unpack_linears
 from chatdistill.models import check_vocab, count_parameters, load_pretrained, load_tokenizer
 
 DEFAULT_DRAFT_TOKENS = 6
@@ -58,7 +54,6 @@ class Draft:
         self.tokens = tokens
         self.drafted = 0
         self.accepted = 0
-        self.packed_bytes = 0  # the teacher's weights packed for (tokens + 1)-row checks
         self.min_confidence = MIN_CONFIDENCE
 
     def counts(self) -> tuple[int, int]:
@@ -80,9 +75,7 @@ def attach_draft(
     tokens: int = DEFAULT_DRAFT_TOKENS,
     name: str = "the draft model",
 ) -> Draft:
-    """Make `teacher` decode speculatively with `draft` whenever one sequence is running. On a
-    CPU in float32 the teacher's linear weights are also packed for its (tokens + 1)-row checks
-    (`packed.pack_linears`: 1.5x faster checks, one more copy of those weights in memory).
+    """Make `teacher` decode speculatively with `draft` whenever one sequence is running.
 
     Raises `UserError` (naming `name`) when the draft cannot serve: fewer than one draft token, a
     tokenizer other than the teacher's, or more parameters than the teacher.
@@ -105,15 +98,7 @@ def attach_draft(
         model.to(teacher.device)  # draft and teacher tensors meet in every step
         draft.device = teacher.device
     teacher.draft = Draft(teacher, draft, tokens)
-    if can_pack(teacher.model):
-        teacher.draft.packed_bytes = pack_linears(teacher.model, tokens + 1)
     return teacher.draft
-
-
-def detach_draft(teacher: Engine) -> None:
-    """Stop speculative decoding on `teacher`: the draft goes, and its packed weights with it."""
-    teacher.draft = None
-    unpack_linears(teacher.model)
 
 
 def load_draft(
@@ -199,14 +184,13 @@ class SpeculativeDecoder:
         )
         k = len(drafted)
         fed = [context[-1], *drafted]
-        fed += fed[-1:] * self._padding(k, start)  # filler rows, checked and then cropped off
         out = batch.model(
             input_ids=torch.tensor([fed], device=batch.device),
             position_ids=torch.arange(start, start + len(fed), device=batch.device)[None],
             **{batch.cache_arg: batch.cache},
             use_cache=True,
         )
-        logits = out.logits[0, : k + 1].float()  # (k + 1, V)
+        logits = out.logits[0].float()  # (k + 1, V)
         if greedy:
             target = logits.argmax(dim=-1).tolist()
             n = 0
@@ -240,14 +224,6 @@ class SpeculativeDecoder:
         budget = min(len(seq.prompt_ids) + seq.params.max_new_tokens, teacher.context_length)
         draft_room = self.draft.engine.context_length - length + 1
         return max(0, min(self.draft.tokens, budget - length - 1, draft_room))
-
-    def _padding(self, k: int, start: int) -> int:
-        """Filler rows that bring a check of k drafted tokens up to the height the teacher's
-        weights were packed for (`packed`): a packed check of more rows costs less than an
-        unpacked one of fewer. None when the teacher is not packed or the context has no room."""
-        rows = self.draft.tokens + 1
-        room = self.draft.teacher.context_length - start
-        return rows - (k + 1) if self.draft.packed_bytes and rows <= room else 0
 
     def _propose(
         self,
