@@ -368,7 +368,7 @@ def _run(cfg: DemoConfig, say) -> EvalResult:
         f"--output {out / 'kd_student_onnx'} --prompts {paths['test']}"
         f"\nor for llama.cpp and Ollama (GGUF, q8_0):  chatdistill export {kd} --format gguf "
         f"--output {out / 'kd_student_gguf'} --prompts {paths['test']}"
-        f"\nthe fastest draft on a CPU, its 4-bit GGUF in llama.cpp (pip install "
+        f"\nthe cheapest draft on a CPU, its 4-bit GGUF in llama.cpp (pip install "
         f"llama-cpp-python):  chatdistill export {kd} --format gguf --precision q4_0 "
         f"--output {out / 'kd_student_q4_0'} && chatdistill serve {inputs.teacher} --draft "
         f"{out / 'kd_student_q4_0' / 'model.gguf'} --draft-runtime llama.cpp"
