@@ -7,9 +7,8 @@ decode tokens/s at batch 1 (tokens after the first / time after the first, summe
 its ratio to the teacher alone measured in the same run, the draft's acceptance rate (accepted /
 drafted tokens at batch 1), tokens/s under concurrent load (all tokens / wall time, prefills
 included) and whether every greedy answer is token for token the teacher's alone. Every
-configuration runs once per round, `--repeats` rounds, best
-time kept: load on the machine only ever slows a run down, and interleaving spreads drift over all
-of them alike.
+configuration runs once per round, `--repeats` rounds, best time kept: load on the machine only
+ever slows a run down, and interleaving spreads drift over all of them alike.
 
     python bench/speculative_speed.py TEACHER DRAFT [DRAFT ...] [--draft-tokens 2 4 6]
         [--data chat.jsonl] [--prompts 16] [--new-tokens 128] [--concurrency 8]

@@ -183,10 +183,9 @@ class SpeculativeDecoder:
             context, self._draft_length(seq, len(context)), seq.params, seq.generator, greedy
         )
         k = len(drafted)
-        fed = [context[-1], *drafted]
         out = batch.model(
-            input_ids=torch.tensor([fed], device=batch.device),
-            position_ids=torch.arange(start, start + len(fed), device=batch.device)[None],
+            input_ids=torch.tensor([[context[-1], *drafted]], device=batch.device),
+            position_ids=torch.arange(start, start + k + 1, device=batch.device)[None],
             **{batch.cache_arg: batch.cache},
             use_cache=True,
         )
@@ -209,7 +208,7 @@ class SpeculativeDecoder:
                 self._seq, self._cache, self._cached = None, None, 0
                 return [text]
         kept = start + len(tokens)  # the pending token and the accepted drafts
-        batch.cache.crop(kept - (start + len(fed)))
+        batch.cache.crop(kept - (start + k + 1))
         self._cache.crop(min(0, kept - self._cached))
         self._cached = min(self._cached, kept)
         batch.positions = batch.positions.new_full((1,), kept)
