@@ -10,6 +10,7 @@ import pytest
 from chatdistill.cli import main
 from chatdistill.errors import UserError
 from chatdistill.export.gguf import GGUF_NAME, export_gguf
+from chatdistill.inference import llama_cpp_draft
 from chatdistill.inference.engine import Engine, SamplingParams
 from chatdistill.inference.speculative import load_draft
 from chatdistill.models import cut_student
@@ -32,7 +33,13 @@ def gguf_draft(tiny_models, tmp_path_factory) -> str:
 
 
 @needs_llama_cpp
-def test_greedy_answers_with_a_llama_cpp_draft_are_the_teachers(tiny_models, gguf_draft):
+@pytest.mark.parametrize("amx", [False, True], ids=["plain", "amx-cpu"])
+def test_greedy_answers_with_a_llama_cpp_draft_are_the_teachers(
+    tiny_models, gguf_draft, amx, monkeypatch
+):
+    # On an AMX CPU the draft loads without llama.cpp's extra buffer types (its AMX kernel
+    # crashes there); the answers must not change either way.
+    monkeypatch.setattr(llama_cpp_draft, "cpu_has_amx", lambda: amx)
     teacher = Engine.load(str(tiny_models["llama"]))
     prompts = [teacher.encode_chat(r["messages"][:-1]) for r in make_conversations(4, seed=3)]
     params = SamplingParams(max_new_tokens=16)
@@ -46,6 +53,19 @@ def test_greedy_answers_with_a_llama_cpp_draft_are_the_teachers(tiny_models, ggu
     # sampling draws from the draft's llama.cpp logits and still ends like the teacher's would
     sampled = teacher.generate(prompts, SamplingParams(12, temperature=1.0, seed=1), batch_size=1)
     assert all(0 < len(c.token_ids) <= 12 for c in sampled)
+
+
+@needs_llama_cpp
+def test_without_extra_buffers_swaps_the_load_defaults_and_puts_them_back():
+    import llama_cpp
+
+    low = llama_cpp.llama_cpp
+    assert low.llama_model_default_params().use_extra_bufts
+    with llama_cpp_draft.without_extra_buffers(llama_cpp):
+        assert not low.llama_model_default_params().use_extra_bufts
+    with pytest.raises(RuntimeError), llama_cpp_draft.without_extra_buffers(llama_cpp):
+        raise RuntimeError("a failed load")
+    assert low.llama_model_default_params().use_extra_bufts
 
 
 def test_without_llama_cpp_python_the_runtime_is_one_line_naming_the_install(
