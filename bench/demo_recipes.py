@@ -15,6 +15,7 @@ labelled rows mixed with forward KL to the top-64 cache) with these changes:
   b2_frozen      2 per step, embeddings kept
   b4_frozen_ce0  as b4_frozen, forward KL alone (no CE)
   b4_frozen_seq  as b4_frozen, CE alone on the teacher's answers (sequence-level KD, no cache)
+  b4_frozen_ce75 as b4_frozen, 0.75 CE + 0.25 forward KL
 
 Reports each recipe's training wall time (run it on an idle machine) and its ratio to the first
 recipe's. A recipe already trained in OUTPUT is reused. Writes bench/results/demo_recipes.json.
@@ -56,6 +57,7 @@ RECIPES = {
     "b2_frozen": (2, {"train.lr": LR, "train.freeze_embeddings": True}, {}),
     "b4_frozen_ce0": (4, {"train.lr": LR, "train.freeze_embeddings": True}, {"ce_weight": 0.0}),
     "b4_frozen_seq": (4, {"train.lr": LR, "train.freeze_embeddings": True}, {"ce_weight": 1.0}),
+    "b4_frozen_ce75": (4, {"train.lr": LR, "train.freeze_embeddings": True}, {"ce_weight": 0.75}),
 }
 
 

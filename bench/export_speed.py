@@ -38,6 +38,7 @@ from chatdistill.export.check import run_check  # noqa: E402
 from chatdistill.export.gguf import GGUF_NAME, PRECISIONS, export_gguf  # noqa: E402
 from chatdistill.export.onnx import check_export, export_onnx  # noqa: E402
 from chatdistill.inference.engine import Engine  # noqa: E402
+from chatdistill.inference.llama_cpp_draft import load_llama  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "export_speed.json"
 ONNX_PRECISIONS = ("fp32", "int8", "int4")
@@ -51,13 +52,8 @@ class LlamaCppReader:
     timed = True
 
     def __init__(self, path: Path, threads: int, engine: Engine) -> None:
-        from llama_cpp import Llama
-
-        def load(logits_all: bool) -> Llama:
-            return Llama(model_path=str(path), n_ctx=1024, n_threads=threads,
-                         n_threads_batch=threads, logits_all=logits_all, verbose=False)  # fmt: skip
-
-        self.llm, self.scorer = load(False), load(True)
+        self.llm = load_llama(str(path), 1024, threads)
+        self.scorer = load_llama(str(path), 1024, threads, logits_all=True)
         self.eos, self.tokenizer = engine.eos_token_ids, engine.tokenizer
 
     def answers(self, chats, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -55,6 +55,17 @@ def without_extra_buffers(lib) -> Iterator[None]:
         low.llama_model_default_params = default
 
 
+def load_llama(path: str, context_length: int, threads: int, logits_all: bool = False):
+    """`llama_cpp.Llama` for the GGUF file at `path` on `threads` CPU threads, quietly (without
+    the extra buffer types on an AMX CPU: `without_extra_buffers`)."""
+    import llama_cpp
+
+    with without_extra_buffers(llama_cpp) if cpu_has_amx() else nullcontext():
+        return llama_cpp.Llama(model_path=path, n_ctx=context_length, n_threads=threads,
+                               n_threads_batch=threads, logits_all=logits_all,
+                               verbose=False)  # fmt: skip
+
+
 class LlamaCppDraft:
     """A GGUF file loaded by llama.cpp for drafting: `next_logits` feeds tokens at a position
     and returns the logits for the token after them. Everything the speculative decoder needs
@@ -75,11 +86,7 @@ class LlamaCppDraft:
             )
         self._lib = llama_cpp
         try:
-            with without_extra_buffers(llama_cpp) if cpu_has_amx() else nullcontext():
-                self.llm = llama_cpp.Llama(
-                    model_path=path, n_ctx=context_length, n_threads=threads,
-                    n_threads_batch=threads, logits_all=False, verbose=False,
-                )  # fmt: skip
+            self.llm = load_llama(path, context_length, threads)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"--draft {path}: llama.cpp cannot load it ({e})") from None
         self.tokenizer = tokenizer
