@@ -10,6 +10,7 @@ accuracy the KD student keeps; top-1 agreement with the teacher on its own answe
 speed at batch 1 as a multiple of the teacher's.
 
     python bench/demo_seeds.py [--seeds 0,1,2] [--output runs/bench-demo-seeds] [--steps N]
+        [--ce-weight W]
 
 A finished seed leaves its figures in OUTPUT/seed-N/seed_figures.json and is not run again, so
 seeds can run in separate processes (`--seeds 1 --threads 1` beside `--seeds 2 --threads 1`)
@@ -71,6 +72,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--output", default="runs/bench-demo-seeds")
     ap.add_argument("--steps", type=int, default=DemoConfig.steps)
+    ap.add_argument(
+        "--ce-weight",
+        type=float,
+        default=DemoConfig.ce_weight,
+        help="the KD student's CE share (the rest: forward KL to the cache)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--reuse-results",
@@ -81,10 +88,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = {}
+    settings = {"steps": args.steps, "ce_weight": args.ce_weight}
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = Path(args.output) / f"seed-{seed}"
         done = out / "seed_figures.json"  # one seed's figures, for a later call to gather
-        if done.is_file() and json.loads(done.read_text())["steps"] == args.steps:
+        if done.is_file() and all(
+            json.loads(done.read_text()).get(k) == v for k, v in settings.items()
+        ):
             runs[seed] = json.loads(done.read_text())["figures"]
             print(f"seed {seed}: figures from {done}")
             continue
@@ -94,9 +104,9 @@ def main() -> None:
             print(f"seed {seed}: figures from {finished}")
         else:
             share_answers(Path(args.output), out)
-            cfg = DemoConfig(output=str(out), seed=seed, steps=args.steps)
+            cfg = DemoConfig(output=str(out), seed=seed, steps=args.steps, ce_weight=args.ce_weight)
             runs[seed] = measure(run_demo(cfg, say=lambda msg: print(msg, flush=True)))
-        done.write_text(json.dumps({"steps": args.steps, "figures": runs[seed]}))
+        done.write_text(json.dumps({**settings, "figures": runs[seed]}))
 
     cols = [("teacher", "accuracy"), ("KD", "accuracy"), ("KD", "kept"), ("(a) cut", "accuracy"),
             ("(b) SFT", "accuracy"), ("KD", "agreement"), ("(b) SFT", "agreement"),
@@ -113,7 +123,9 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                "torch": torch.__version__}  # fmt: skip
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"runs": runs, "summary": summary, "machine": machine}, indent=1))
+    RESULTS.write_text(
+        json.dumps({**settings, "runs": runs, "summary": summary, "machine": machine}, indent=1)
+    )
     print(f"wrote {RESULTS}")
 
 
