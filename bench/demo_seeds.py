@@ -92,10 +92,9 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = Path(args.output) / f"seed-{seed}"
         done = out / "seed_figures.json"  # one seed's figures, for a later call to gather
-        if done.is_file() and all(
-            json.loads(done.read_text()).get(k) == v for k, v in settings.items()
-        ):
-            runs[seed] = json.loads(done.read_text())["figures"]
+        stored = json.loads(done.read_text()) if done.is_file() else {}
+        if stored and all(stored.get(k) == v for k, v in settings.items()):
+            runs[seed] = stored["figures"]
             print(f"seed {seed}: figures from {done}")
             continue
         finished = out / "results.json"
