@@ -76,16 +76,27 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     before = json.loads((out / "results.json").read_text())
     lines.clear()
     run_demo(cfg, say=lines.append)
-    assert sum("reusing" in line for line in lines) == 3
+    # The cut, both trainings and the evaluation: nothing is made again.
+    assert sum("reusing" in line for line in lines) == 4
+    assert not any("evaluating" in line for line in lines)
     after = json.loads((out / "results.json").read_text())
-    assert [m["quality"]["ce"] for m in after["models"]] == [
-        m["quality"]["ce"] for m in before["models"]
-    ]
+    assert after == before
+
+    # Moved elsewhere, it is the same run: reused, with its recipes naming the new place.
+    moved = tmp_path / "elsewhere" / "demo"
+    shutil.move(out, moved)
+    lines.clear()
+    run_demo(dataclasses.replace(cfg, output=str(moved)), say=lines.append)
+    assert sum("reusing" in line for line in lines) == 4, lines
+    assert not any("changed since" in line for line in lines)
+    assert str(moved / "data") in (moved / "kd_student" / "chatdistill_config.yaml").read_text()
+    shutil.move(moved, out)
 
     # Other settings: the trained students are trained again, not reused.
     lines.clear()
     run_demo(dataclasses.replace(cfg, steps=4), say=lines.append)
     assert sum("changed since the last run" in line for line in lines) == 2
+    assert any("evaluating student kd_student" in line for line in lines)  # new models: measured
     assert "max_steps: 4" in (out / "kd_student" / "chatdistill_config.yaml").read_text()
 
 
@@ -122,11 +133,17 @@ def test_interrupted_demo_continues_on_rerun(tmp_path, tiny_teacher, monkeypatch
     kd = tmp_path / "demo" / "kd_student"
     assert (kd / "checkpoints" / "step-0000002").is_dir() and not _done_files(kd)
 
+    # Moved before the rerun: the interrupted training still resumes, nothing is redone.
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "demo", moved)
+    cfg = dataclasses.replace(cfg, output=str(moved))
+    kd = moved / "kd_student"
     monkeypatch.setattr(train_mod.TrainProgress, "update", real_update)
     capsys.readouterr()
     lines.clear()
     results = run_demo(cfg, say=lines.append)
     assert "resumed from" in capsys.readouterr().out and _done_files(kd)
+    assert not any("changed since" in line for line in lines)
     steps = [json.loads(x)["step"] for x in (kd / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 3
     assert len(results.models) == 4

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chatdistill import atomic
 from chatdistill.distill.divergences import DIVERGENCES
 from chatdistill.errors import UserError
 
@@ -204,4 +205,4 @@ def save_config(cfg: BaseModel, path: Path, notes: list[str] | None = None) -> N
     """Write the resolved config as YAML next to the outputs; `notes` become comment lines at the
     top (what the recipe's paths pointed at, such as a GGUF file's quantisation and sha256)."""
     header = "".join(f"# {line}\n" for line in notes or [])
-    path.write_text(header + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    atomic.write_text(path, header + yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -16,6 +16,9 @@ Stages, each reused on a rerun:
    labelled rows for the same steps;
 6. evaluation of all four on the test split (fidelity on the teacher's own answers):
    results.json, summary.md, report.html.
+
+Stages are reused by what they were made from, not where (`demo.stages`): a moved run directory
+is still the same run.
 """
 
 import json
@@ -28,11 +31,12 @@ from chatdistill import atomic
 from chatdistill.data import load_rows, render_prompt
 from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, to_prompts
 from chatdistill.demo.grounding import ground_row
+from chatdistill.demo.stages import eval_stage, train_stage
+from chatdistill.distill.fingerprints import teacher_fingerprint
 from chatdistill.errors import Interrupted, UserError
 from chatdistill.evaluate.config import EvalConfig
 from chatdistill.evaluate.report import headline, text_table
 from chatdistill.evaluate.result import EvalResult
-from chatdistill.evaluate.run import evaluate
 from chatdistill.hashing import file_sha256
 from chatdistill.models import fast_bf16, load_tokenizer, resolve
 
@@ -127,51 +131,6 @@ def prepare_data(cfg: DemoConfig, tokenizer) -> dict[str, Path]:
     return paths
 
 
-def _done(model_dir: Path) -> bool:
-    return (model_dir / "train_summary.json").is_file() and (
-        model_dir / "model.safetensors"
-    ).exists()
-
-
-def _inputs_key(overrides: dict) -> dict:
-    """What a stage learns from, by content: its data files and its teacher cache's metadata."""
-    files = [overrides["data.train"], overrides["data.validation"]]
-    if overrides.get("teacher_cache"):
-        files.append(str(Path(overrides["teacher_cache"]) / "cache.json"))
-    return {f: file_sha256(f) for f in files}
-
-
-def _train(name: str, out: Path, overrides: dict, say) -> Path:
-    """Run one training stage, or reuse/resume it when it was made with the same settings from
-    the same data."""
-    import yaml
-
-    from chatdistill.config import load_distill_config
-    from chatdistill.distill.train import train
-
-    model_dir = out / name
-    cfg = load_distill_config(None, {**overrides, "output": str(model_dir)})
-    saved, stamp = model_dir / "chatdistill_config.yaml", model_dir / "demo_inputs.json"
-    key = _inputs_key(overrides)
-    same_inputs = stamp.is_file() and json.loads(stamp.read_text()) == key
-    if saved.is_file() and (
-        yaml.safe_load(saved.read_text()) != cfg.model_dump() or not same_inputs
-    ):
-        say(f"[{name}] settings or data changed since the last run; training it again")
-        shutil.rmtree(model_dir)
-    if _done(model_dir):
-        say(f"[{name}] reusing {model_dir}")
-        return model_dir
-    say(f"[{name}] training")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(stamp, json.dumps(key))
-    out_dir = train(cfg, resume=(model_dir / "checkpoints").is_dir())
-    # Checkpoints only serve a resume; a finished stage is reused from its final model.
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    say(f"[{name}] done; the demo removed its checkpoints (a finished stage needs none)")
-    return out_dir
-
-
 def _common(cfg: DemoConfig, paths: dict, teacher: str, layers: list[int]) -> dict:
     return {
         "teacher": teacher,
@@ -238,7 +197,11 @@ def cut_student_layers(teacher: str, keep: int, validation: Path, out: Path, say
 
     model_dir = out / "baseline_cut_untrained"
     stamp = model_dir / "cut.json"
-    asked = {"teacher": teacher, "keep": keep, "validation": file_sha256(validation)}
+    asked = {
+        "teacher": teacher_fingerprint(teacher),
+        "keep": keep,
+        "validation": file_sha256(validation),
+    }
     if stamp.is_file():
         done = json.loads(stamp.read_text())
         if {k: done.get(k) for k in asked} == asked:
@@ -336,14 +299,13 @@ def summary(results: EvalResult) -> str:
 def _run(cfg: DemoConfig, say) -> EvalResult:
     inputs = prepare_kd_inputs(cfg, say)
     out, paths, common = Path(cfg.output), inputs.paths, inputs.common
-    kd = _train("kd_student", out, kd_recipe(cfg, inputs), say)
+    kd = train_stage("kd_student", out, kd_recipe(cfg, inputs), say)
     cut = out / "baseline_cut_untrained"
-    sft = _train("baseline_sft_labelled",
+    sft = train_stage("baseline_sft_labelled",
                  out, {**common, "data.train": str(paths["labelled"]), "loss.kind": "sft"},
                  say)  # fmt: skip
 
-    say("[eval] teacher, KD student and both baselines on the test split")
-    results = evaluate(
+    results = eval_stage(
         EvalConfig(
             teacher=inputs.teacher,
             students=[str(kd), str(cut), str(sft)],
@@ -356,7 +318,7 @@ def _run(cfg: DemoConfig, say) -> EvalResult:
             max_length=MAX_LENGTH,
             fidelity_on="teacher",
         ),
-        say=lambda msg: say(f"[eval] {msg}"),
+        say,
     )
     say("\n" + summary(results))
     say(

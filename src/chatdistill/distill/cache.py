@@ -471,9 +471,10 @@ def _shard_ok(path: Path) -> bool:
     return True
 
 
-_SETTINGS = ("teacher_fingerprint", "tokenizer_fingerprint", "dataset_sha256", "top_k")
-_SETTINGS += ("temperature", "tail_samples", "max_length", "shard_positions", "min_mass")
-_SETTINGS += ("logprob_dtype",)
+# What a cache is made from and how: a cache whose meta differs in any of these is another cache.
+SETTINGS = ("teacher_fingerprint", "tokenizer_fingerprint", "dataset_sha256", "top_k")
+SETTINGS += ("temperature", "tail_samples", "max_length", "shard_positions", "min_mass")
+SETTINGS += ("logprob_dtype",)
 
 
 def write_cache(
@@ -580,7 +581,7 @@ def write_cache(
         meta["logprob_step"] = LOGPROB_STEP
     if (out / META).is_file():
         old = read_meta(out)
-        stale = next((key for key in _SETTINGS if old.get(key) != meta[key]), None)
+        stale = next((key for key in SETTINGS if old.get(key) != meta[key]), None)
         if stale and not replace_stale:
             raise UserError(
                 f"{out} holds a cache with another {stale} ({old.get(stale)} vs {meta[stale]}); "

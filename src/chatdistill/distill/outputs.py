@@ -25,8 +25,8 @@ RESUMABLE = (
     "train.log_every",
 )
 # Recipe fields naming local files or directories the run reads.
-_SOURCES = ("teacher", "student", "student_config", "tokenizer", "teacher_cache")
-_SOURCES += ("data.train", "data.validation")
+SOURCES = ("teacher", "student", "student_config", "tokenizer", "teacher_cache")
+SOURCES += ("data.train", "data.validation")
 
 
 def model_files(directory: Path) -> list[str]:
@@ -48,11 +48,12 @@ def refuse_model_dir(path: Path, flag: str) -> None:
         )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as `section.field: value`."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -82,7 +83,7 @@ def _recipe_changes(cfg: DistillConfig, out: Path, step: int) -> list[str]:
         raise UserError(f"{path}: {reason}; cannot check the resume against it") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path}: not a recipe; cannot check the resume against it")
-    old, new = _flat(saved), _flat(cfg.model_dump())
+    old, new = flatten(saved), flatten(cfg.model_dump())
     fields = [k for k in dict.fromkeys([*new, *old]) if k != "output"]
     differ = [k for k in fields if not _same(old.get(k), new.get(k))]
     refused = [k for k in differ if k not in RESUMABLE]
@@ -105,8 +106,8 @@ def check_output(cfg: DistillConfig, resume: bool) -> tuple[Path | None, list[st
     """Refuse an output this run must not write into; return the checkpoint to resume from (None
     to start afresh) and the resumable fields the resume changes (`field old -> new`)."""
     out = Path(cfg.output)
-    flat = _flat(cfg.model_dump())
-    for field in _SOURCES:
+    flat = flatten(cfg.model_dump())
+    for field in SOURCES:
         src = flat[field]
         if src and Path(src).exists() and Path(src).resolve() == out.resolve():
             raise UserError(f"--output {out} is the {field} itself; choose a new --output")
