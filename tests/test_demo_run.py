@@ -11,6 +11,7 @@ import pytest
 from chatdistill.cli import main
 from chatdistill.demo.data import demo_asset_dir
 from chatdistill.demo.run import DemoConfig, run_demo
+from chatdistill.demo.stages import _Beside
 from chatdistill.errors import UserError
 
 from conftest import build_tiny_model
@@ -50,6 +51,10 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     labelled = (out / "data" / "labelled.jsonl").read_text().splitlines()
     assert len(labelled) == 12
     assert any("chatdistill serve" in line for line in lines)
+    # On 2 threads the two trainings ran at once, (b) in a child process with its own log.
+    beside = "[baseline_sft_labelled] training beside kd_student, on 1 thread"
+    assert any(beside in line for line in lines), lines
+    assert "step 3/3" in (out / "baseline_sft_labelled.log").read_text()
     table = next(line for line in lines if "held-out CE" in line).strip().splitlines()
     assert [row.split()[0] for row in table[3:6]] == [
         "kd_student", "baseline_cut_untrained", "baseline_sft_labelled"
@@ -163,3 +168,13 @@ def test_missing_bundled_adapter_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_run, "demo_asset_dir", lambda: assets)
     with pytest.raises(UserError, match="bundled teacher adapter missing: .*teacher_adapter"):
         run_demo(DemoConfig(output=str(tmp_path / "out")))
+
+
+def test_a_failed_training_beside_is_one_line_naming_its_log(tmp_path):
+    missing = tmp_path / "no_teacher"
+    child = _Beside("bad", tmp_path, {"teacher": str(missing), "train.max_steps": 3}, threads=1)
+    with pytest.raises(UserError) as e:
+        child.wait_done(say=lambda _msg: None)
+    msg = str(e.value)
+    assert msg.startswith("[bad] training failed (exit 2): error: ") and "\n" not in msg
+    assert str(missing) in msg and msg.endswith(f"its log: {tmp_path / 'bad.log'}")

@@ -31,7 +31,7 @@ from chatdistill import atomic
 from chatdistill.data import load_rows, render_prompt
 from chatdistill.demo.data import demo_asset_dir, jsonl_text, labelled_subset, to_prompts
 from chatdistill.demo.grounding import ground_row
-from chatdistill.demo.stages import eval_stage, train_stage
+from chatdistill.demo.stages import eval_stage, train_stages
 from chatdistill.distill.fingerprints import teacher_fingerprint
 from chatdistill.errors import Interrupted, UserError
 from chatdistill.evaluate.config import EvalConfig
@@ -299,12 +299,11 @@ def summary(results: EvalResult) -> str:
 def _run(cfg: DemoConfig, say) -> EvalResult:
     inputs = prepare_kd_inputs(cfg, say)
     out, paths, common = Path(cfg.output), inputs.paths, inputs.common
-    kd = train_stage("kd_student", out, kd_recipe(cfg, inputs), say)
+    sft_recipe = {**common, "data.train": str(paths["labelled"]), "loss.kind": "sft"}
+    kd, sft = train_stages(
+        [("kd_student", kd_recipe(cfg, inputs)), ("baseline_sft_labelled", sft_recipe)], out, say
+    )
     cut = out / "baseline_cut_untrained"
-    sft = train_stage("baseline_sft_labelled",
-                 out, {**common, "data.train": str(paths["labelled"]), "loss.kind": "sft"},
-                 say)  # fmt: skip
-
     results = eval_stage(
         EvalConfig(
             teacher=inputs.teacher,
