@@ -112,7 +112,7 @@ def train_stages(stages: list[tuple[str, dict]], out: Path, say) -> list[Path]:
     child = _start_beside(*todo[1], out, threads // 2, todo[0][0], say) if side_by_side else None
     try:
         for name, overrides in todo[: 1 if child else 2]:
-            say(f"[{name}] training" + (f" on {threads - threads // 2} threads" * bool(child)))
+            say(f"[{name}] training" + (f" on {_threads(threads - threads // 2)}" * bool(child)))
             if child:
                 torch.set_num_threads(threads - threads // 2)
             _train_now(name, out, overrides)
@@ -183,9 +183,12 @@ class _Beside:
 
 def _start_beside(name, overrides, out: Path, threads: int, first: str, say) -> _Beside:
     child = _Beside(name, out, overrides, threads)
-    plural = "s" * (threads > 1)
-    say(f"[{name}] training beside {first}, on {threads} thread{plural}; progress: {child.log}")
+    say(f"[{name}] training beside {first}, on {_threads(threads)}; progress: {child.log}")
     return child
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' * (n > 1)}"
 
 
 def _interrupt_when_parent_dies(parent: int) -> None:
