@@ -1,4 +1,5 @@
-"""The demo's two long stages that a rerun reuses: a training and the evaluation.
+"""The demo's long stages that a rerun reuses: its trainings (two at once on a CPU) and the
+evaluation.
 
 Each is reused while what it was made from is the same by content (the teacher's fingerprint,
 the data files' hashes, the teacher cache's settings, the trained models' fingerprints) and its
@@ -104,14 +105,14 @@ def _train_now(name: str, out: Path, overrides: dict) -> Path:
 def train_stages(stages: list[tuple[str, dict]], out: Path, say) -> list[Path]:
     """Run each (name, overrides) training into out/name, or reuse it. On a CPU with two or more
     threads to give, two trainings run at once, the second in a child process, each on half the
-    threads: on 2 cores the demo's two trainings took 13:43 side by side against 21:57 one after
-    the other (small models use two threads poorly)."""
+    threads: on 2 cores the demo's two trainings took 14:01 together against 21:57 one after the
+    other (small models use two threads poorly)."""
     todo = [(name, o) for name, o in stages if not _reusable(name, out, o, say)]
     threads = torch.get_num_threads()
     side_by_side = len(todo) == 2 and threads >= 2 and not torch.cuda.is_available()
     child = _start_beside(*todo[1], out, threads // 2, todo[0][0], say) if side_by_side else None
     try:
-        for name, overrides in todo[: 1 if child else 2]:
+        for name, overrides in todo[:1] if child else todo:
             say(f"[{name}] training" + (f" on {_threads(threads - threads // 2)}" * bool(child)))
             if child:
                 torch.set_num_threads(threads - threads // 2)
