@@ -135,6 +135,8 @@ def test_interrupted_demo_continues_on_rerun(tmp_path, tiny_teacher, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_demo(cfg, say=lines.append)
     assert "[interrupted] rerun the same command to continue" in lines[-1]
+    said = capsys.readouterr().out
+    assert "interrupted: checkpoint saved to" in said and "--resume" not in said  # the demo's way
     kd = tmp_path / "demo" / "kd_student"
     assert (kd / "checkpoints" / "step-0000002").is_dir() and not _done_files(kd)
 

@@ -65,6 +65,7 @@ def test_a_real_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_mo
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out
+    assert out.count("interrupted") == 1 and "rerun with --resume to continue" in out, out
     assert not (cut / "model.safetensors").exists()
     resumed = subprocess.run([*cli, *flags, "--output", str(cut), "--resume"], env=env)
     full = subprocess.run([*cli, *flags, "--output", str(tmp_path / "full")], env=env)

@@ -96,7 +96,7 @@ def _train_now(name: str, out: Path, overrides: dict) -> Path:
     cfg = load_distill_config(None, {**overrides, "output": str(model_dir)})
     model_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(model_dir / STAMP, json.dumps(_inputs_key(overrides)))
-    out_dir = train(cfg, resume=(model_dir / "checkpoints").is_dir())
+    out_dir = train(cfg, resume=(model_dir / "checkpoints").is_dir(), resume_hint=None)
     # Checkpoints only serve a resume; a finished stage is reused from its final model.
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return out_dir

@@ -27,7 +27,7 @@ from chatdistill.distill.losses import step_weights
 from chatdistill.distill.outputs import RECIPE, check_output
 from chatdistill.distill.prepare import Setup, prepare
 from chatdistill.distill.rollout import OnPolicySampler
-from chatdistill.errors import UserError
+from chatdistill.errors import Interrupted, UserError
 from chatdistill.models import ModelSource
 from chatdistill.progress import TrainProgress
 
@@ -118,8 +118,13 @@ def _resume_notes(out: Path, step: int, changes: list[str]) -> list[str]:
     return earlier + [f"resumed at step {step} with {change}" for change in changes]
 
 
-def train(cfg: DistillConfig, resume: bool = False) -> Path:
-    """Run the recipe; return the output directory holding the final student."""
+def train(
+    cfg: DistillConfig,
+    resume: bool = False,
+    resume_hint: str | None = "rerun with --resume to continue",
+) -> Path:
+    """Run the recipe; return the output directory holding the final student. On Ctrl-C it saves
+    a checkpoint, says where (and `resume_hint`) and raises `Interrupted`."""
     transformers.utils.logging.disable_progress_bar()
     keep_freed_memory()  # no page faults on every step's activations (see allocator.py)
     precision = _mixed_precision(cfg)
@@ -156,7 +161,7 @@ def train(cfg: DistillConfig, resume: bool = False) -> Path:
         save_config(cfg, out / RECIPE, notes)
     log = MetricsLog(out / "metrics.jsonl", main)
     log.keep_until(state["step"])
-    _run_loop(s, state, log, out)
+    _run_loop(s, state, log, out, resume_hint)
     return out
 
 
@@ -183,7 +188,7 @@ def on_policy_sampler(s: Setup) -> OnPolicySampler:
     )
 
 
-def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
+def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path, resume_hint: str | None) -> None:
     acc, t = s.accelerator, s.cfg.train
     world, rank = acc.num_processes, acc.process_index
     batches = None
@@ -261,8 +266,9 @@ def _run_loop(s: Setup, state: dict, log: MetricsLog, out: Path) -> None:
         progress.close()
         path = ckpt.save_checkpoint(acc, out, state["step"], state, t.keep_last, s.scheduler)
         if acc.is_main_process:
-            print(f"interrupted: checkpoint saved to {path}; rerun with --resume to continue")
-        raise
+            hint = f"; {resume_hint}" if resume_hint else ""
+            print(f"interrupted: checkpoint saved to {path}{hint}")
+        raise Interrupted from None  # said: the CLI adds no second "interrupted"
     progress.close()
     _finish(s, state, log, out)
 
