@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from chatdistill import atomic
+from chatdistill import __version__, atomic
 from chatdistill.distill.cache import SETTINGS as CACHE_SETTINGS
 from chatdistill.distill.cache import read_meta
 from chatdistill.distill.fingerprints import teacher_fingerprint
@@ -205,12 +205,13 @@ def _eval_key(cfg: EvalConfig) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in EVAL_PATHS}
     models = [teacher_fingerprint(p) for p in [cfg.teacher, *cfg.students]]
     key = {"settings": settings, "models": models, "data": file_sha256(cfg.data)}
+    key["chatdistill"] = __version__  # another version may measure otherwise
     return json.loads(json.dumps(key))  # as it reads back from the stamp (tuples as lists)
 
 
 def eval_stage(cfg: EvalConfig, say) -> EvalResult:
-    """Evaluate, or reuse cfg.output/results.json when it was written for the same models, test
-    data and settings."""
+    """Evaluate, or reuse cfg.output/results.json when this version of chatdistill wrote it for
+    the same models, test data and settings."""
     from chatdistill.evaluate.run import evaluate
 
     out = Path(cfg.output)
