@@ -174,7 +174,8 @@ def test_missing_bundled_adapter_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_a_failed_training_beside_is_one_line_naming_its_log(tmp_path):
     missing = tmp_path / "no_teacher"
-    child = _Beside("bad", tmp_path, {"teacher": str(missing), "train.max_steps": 3}, threads=1)
+    overrides = {"teacher": str(missing), "train.max_steps": 3}
+    child = _Beside("bad", tmp_path, overrides, key={}, threads=1)
     with pytest.raises(UserError) as e:
         child.wait_done(say=lambda _msg: None)
     msg = str(e.value)

@@ -61,9 +61,9 @@ def _without_paths(recipe: dict) -> dict:
     return {k: v for k, v in flatten(recipe).items() if k not in (*SOURCES, "output")}
 
 
-def _reusable(name: str, out: Path, overrides: dict, say) -> bool:
-    """True when out/name is finished with these settings from these inputs; a stage made
-    otherwise is removed, one moved here gets its recipe pointed at the new paths."""
+def _reusable(name: str, out: Path, overrides: dict, key: dict, say) -> bool:
+    """True when out/name is finished with these settings from these inputs (`key`); a stage
+    made otherwise is removed, one moved here gets its recipe pointed at the new paths."""
     import yaml
 
     from chatdistill.config import load_distill_config, save_config
@@ -74,7 +74,7 @@ def _reusable(name: str, out: Path, overrides: dict, say) -> bool:
     if saved.is_file():
         text = saved.read_text(encoding="utf-8")
         old = yaml.safe_load(text)
-        same_inputs = stamp.is_file() and json.loads(stamp.read_text()) == _inputs_key(overrides)
+        same_inputs = stamp.is_file() and json.loads(stamp.read_text()) == key
         if not same_inputs or _without_paths(old) != _without_paths(cfg.model_dump()):
             say(f"[{name}] settings or data changed since the last run; training it again")
             shutil.rmtree(model_dir)
@@ -87,7 +87,7 @@ def _reusable(name: str, out: Path, overrides: dict, say) -> bool:
     return False
 
 
-def _train_now(name: str, out: Path, overrides: dict) -> Path:
+def _train_now(name: str, out: Path, overrides: dict, key: dict) -> Path:
     """Train out/name (resuming its checkpoint, if any); drop the checkpoints when done."""
     from chatdistill.config import load_distill_config
     from chatdistill.distill.train import train
@@ -95,7 +95,7 @@ def _train_now(name: str, out: Path, overrides: dict) -> Path:
     model_dir = out / name
     cfg = load_distill_config(None, {**overrides, "output": str(model_dir)})
     model_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(model_dir / STAMP, json.dumps(_inputs_key(overrides)))
+    atomic.write_text(model_dir / STAMP, json.dumps(key))
     out_dir = train(cfg, resume=(model_dir / "checkpoints").is_dir(), resume_hint=None)
     # Checkpoints only serve a resume; a finished stage is reused from its final model.
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
@@ -107,17 +107,18 @@ def train_stages(stages: list[tuple[str, dict]], out: Path, say) -> list[Path]:
     threads to give, two trainings run at once, the second in a child process, each on half the
     threads: on 2 cores the demo's two trainings took 14:01 together against 21:57 one after the
     other (small models use two threads poorly)."""
-    todo = [(name, o) for name, o in stages if not _reusable(name, out, o, say)]
+    keyed = [(name, overrides, _inputs_key(overrides)) for name, overrides in stages]
+    todo = [(n, o, k) for n, o, k in keyed if not _reusable(n, out, o, k, say)]
     threads = torch.get_num_threads()
     side_by_side = len(todo) == 2 and threads >= 2 and not torch.cuda.is_available()
-    child = _start_beside(*todo[1], out, threads // 2, todo[0][0], say) if side_by_side else None
+    child = _start_beside(todo[1], out, threads // 2, todo[0][0], say) if side_by_side else None
     try:
-        for name, overrides in todo[:1] if child else todo:
+        for name, overrides, key in todo[:1] if child else todo:
             say(f"[{name}] training" + (f" on {_threads(threads - threads // 2)}" * bool(child)))
             if child:
                 torch.set_num_threads(threads - threads // 2)
-            _train_now(name, out, overrides)
-            say(f"[{name}] done; the demo removed its checkpoints (a finished stage needs none)")
+            _train_now(name, out, overrides, key)
+            say(_done_line(name))
         if child:
             child.wait_done(say)
     finally:
@@ -127,16 +128,21 @@ def train_stages(stages: list[tuple[str, dict]], out: Path, say) -> list[Path]:
     return [out / name for name, _ in stages]
 
 
+def _done_line(name: str) -> str:
+    return f"[{name}] done; the demo removed its checkpoints (a finished stage needs none)"
+
+
 class _Beside:
     """A training in a child process (`python -m chatdistill.demo.stages`), its output in
     out/NAME.log. It gets its own session, so a Ctrl-C reaches this process only, which then
     interrupts it once (it saves a checkpoint, as a training does on Ctrl-C); it is interrupted
     too if this process dies (`_interrupt_when_parent_dies`)."""
 
-    def __init__(self, name: str, out: Path, overrides: dict, threads: int) -> None:
+    def __init__(self, name: str, out: Path, overrides: dict, key: dict, threads: int) -> None:
         self.name, self.log = name, out / f"{name}.log"
         self.metrics, self.steps = out / name / "metrics.jsonl", overrides["train.max_steps"]
-        args = {"name": name, "out": str(out), "overrides": overrides, "parent": os.getpid()}
+        args = {"name": name, "out": str(out), "overrides": overrides, "key": key}
+        args["parent"] = os.getpid()
         src = str(Path(__file__).resolve().parents[2])  # importable as this one, even uninstalled
         path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
@@ -173,7 +179,7 @@ class _Beside:
                 f"[{self.name}] training failed (exit {self.proc.returncode}): {last}; its log: "
                 f"{self.log}"
             )
-        say(f"[{self.name}] done; the demo removed its checkpoints (a finished stage needs none)")
+        say(_done_line(self.name))
 
     def stop(self) -> None:
         """Interrupt the child if it still runs and wait for it to save its checkpoint."""
@@ -182,8 +188,9 @@ class _Beside:
             self.proc.wait()
 
 
-def _start_beside(name, overrides, out: Path, threads: int, first: str, say) -> _Beside:
-    child = _Beside(name, out, overrides, threads)
+def _start_beside(stage: tuple, out: Path, threads: int, first: str, say) -> _Beside:
+    name, overrides, key = stage
+    child = _Beside(name, out, overrides, key, threads)
     say(f"[{name}] training beside {first}, on {_threads(threads)}; progress: {child.log}")
     return child
 
@@ -235,7 +242,7 @@ def _child_main(argv: list[str]) -> int:
     args = json.loads(argv[0])
     try:
         _interrupt_when_parent_dies(args["parent"])
-        _train_now(args["name"], Path(args["out"]), args["overrides"])
+        _train_now(args["name"], Path(args["out"]), args["overrides"], args["key"])
     except UserError as e:
         print(f"error: {e}", flush=True)
         return 2
