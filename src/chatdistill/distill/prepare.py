@@ -22,6 +22,7 @@ from chatdistill.data import (
     require_references,
     split_rows,
 )
+from chatdistill.distill.autocast import FrozenHeadCast, use_fp32_attention
 from chatdistill.distill.cache import CachedTeacher
 from chatdistill.distill.losses import chunk_size_for, chunked_loss
 from chatdistill.distill.positions import hidden_at_loss_positions
@@ -54,13 +55,15 @@ class StudentLoss(torch.nn.Module):
         self.vocab_size = vocab_size
         self.loss_cfg = loss
         self.fused = fused
+        self.head_cast = FrozenHeadCast()
 
     def forward(self, input_ids, attention_mask, labels, teacher_fn=None, weights=(1.0, 1.0)):
         base, head = hidden_and_head(self.model)
         lc = self.loss_cfg
+        project = self.head_cast(head, input_ids.device.type)
         return chunked_loss(
             hidden_at_loss_positions(base, input_ids, attention_mask, labels),
-            lambda x: head(x)[:, : self.vocab_size],
+            lambda x: project(x)[:, : self.vocab_size],
             labels[:, 1:][loss_positions(labels)],
             teacher_fn,
             lc.kind,
@@ -233,6 +236,8 @@ def prepare(cfg: DistillConfig, accelerator: Accelerator) -> Setup:
         )
         # The cache holds the whole data file, so a split of it can be scored from the cache too.
         val_teacher = teacher if val_data is not None and teacher.covers(val_data) else None
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16":
+        use_fp32_attention(student)  # the CPU's bf16 attention backward is the slower one
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     loss_module = StudentLoss(student, vocab, cfg.loss, fused=not sharded)
     # The fused AdamW kernel (CPU and CUDA) updates all parameters in one pass.
