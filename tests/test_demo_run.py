@@ -10,7 +10,7 @@ import pytest
 
 from chatdistill.cli import main
 from chatdistill.demo.data import demo_asset_dir
-from chatdistill.demo.run import DemoConfig, run_demo
+from chatdistill.demo.run import DemoConfig, mix_rows, run_demo
 from chatdistill.demo.stages import _Beside
 from chatdistill.errors import UserError
 
@@ -45,7 +45,8 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     # Support prompts carry the shop's notes; the untrained cut is where both students start.
     prompts = [json.loads(x) for x in (out / "data" / "prompts.jsonl").read_text().splitlines()]
     support = [p for p in prompts if p["source"] == "support"]
-    assert support and all("using only these notes" in p["messages"][0]["content"] for p in support)
+    assert len(prompts) == 60 and len(support) == 42  # the demo's 70% support share
+    assert all("using only these notes" in p["messages"][0]["content"] for p in support)
     assert results.models[2].cost.parameters < results.models[0].cost.parameters
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     labelled = (out / "data" / "labelled.jsonl").read_text().splitlines()
@@ -103,6 +104,19 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_teacher):
     assert sum("changed since the last run" in line for line in lines) == 2
     assert any("evaluating student kd_student" in line for line in lines)  # new models: measured
     assert "max_steps: 4" in (out / "kd_student" / "chatdistill_config.yaml").read_text()
+
+
+def test_prompt_mix_keeps_the_split_order_and_its_share():
+    rows = [{"source": "support" if i % 3 else "chat", "i": i} for i in range(30)]
+    picked = mix_rows(rows, 10, 0.7)
+    assert [r["i"] for r in picked] == sorted(r["i"] for r in picked)
+    assert sum(r["source"] == "support" for r in picked) == 7 and len(picked) == 10
+    assert len(mix_rows(rows, 40, 0.5)) == 30  # fewer where a kind runs out
+
+
+def test_bad_support_share_is_one_line(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path), "--support-share", "2"]) == 2
+    assert "support share 2.0 is outside [0, 1]" in capsys.readouterr().err
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):

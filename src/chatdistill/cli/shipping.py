@@ -25,6 +25,11 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompts", type=int, help="train prompts the teacher answers (default 1000)")
     p.add_argument(
+        "--support-share",
+        type=float,
+        help="share of the prompts that are support questions, the rest small talk (default 0.7)",
+    )
+    p.add_argument(
         "--labelled-fraction", type=float, help="share of prompts with human answers (default 0.1)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -40,7 +45,8 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     given = {"steps": args.steps, "eval_samples": args.eval_samples, "prompts": args.prompts,
              "student_layers": args.student_layers,
-             "labelled_fraction": args.labelled_fraction}  # fmt: skip
+             "labelled_fraction": args.labelled_fraction,
+             "support_share": args.support_share}  # fmt: skip
     settings = {k: v for k, v in given.items() if v is not None}
     for name in ("steps", "eval_samples", "prompts", "student_layers"):
         if settings.get(name, 1) < 1:

@@ -57,6 +57,10 @@ class DemoConfig:
     removed (the block whose removal changes the teacher least, `models.block_cut`)"""
     prompts: int | None = 1000
     """train prompts the teacher answers (the first N of the shuffled split); None = all"""
+    support_share: float | None = 0.7
+    """share of the prompts that are support-desk questions, the rest small talk (taken in the
+    split's order): the desk's traffic as the test split samples it, two support questions per
+    small-talk turn. None = the train split's own mix (44% support)"""
     labelled_fraction: float = 0.1
     """share of the prompts whose human answers the demo may use"""
     seed: int = 0
@@ -114,13 +118,31 @@ def _split(name: str, tokenizer, limit: int | None = None) -> list[dict]:
     return [r for r in rows if _fits(tokenizer, r)][:limit]
 
 
+def mix_rows(rows: list[dict], n: int, support_share: float) -> list[dict]:
+    """The first rows of `rows`, in order, until n * support_share support rows and the rest
+    of n other rows are taken (fewer where a kind runs out)."""
+    want = {True: round(support_share * n)}
+    want[False] = n - want[True]
+    taken = {True: 0, False: 0}
+    out = []
+    for row in rows:
+        kind = row.get("source") == "support"
+        if taken[kind] < want[kind]:
+            taken[kind] += 1
+            out.append(row)
+    return out
+
+
 def prepare_data(cfg: DemoConfig, tokenizer) -> dict[str, Path]:
     """Write the demo's data files (grounded support rows and small talk); return their paths."""
     if cfg.prompts is not None and cfg.prompts < 1:
         raise UserError(f"prompts={cfg.prompts}: must be at least 1")
     data = Path(cfg.output) / "data"
     data.mkdir(parents=True, exist_ok=True)
-    train = _split("train", tokenizer, cfg.prompts)
+    if cfg.prompts is None or cfg.support_share is None:
+        train = _split("train", tokenizer, cfg.prompts)
+    else:
+        train = mix_rows(_split("train", tokenizer), cfg.prompts, cfg.support_share)
     labelled = labelled_subset(train, cfg.labelled_fraction, cfg.seed)
     paths = {name: data / f"{name}.jsonl" for name in ("labelled", "prompts", "validation", "test")}
     _write_if_changed(paths["labelled"], jsonl_text(labelled))
@@ -230,6 +252,8 @@ def prepare_kd_inputs(cfg: DemoConfig, say) -> KDInputs:
 
     if not 0 < cfg.labelled_fraction <= 1:
         raise UserError(f"labelled fraction {cfg.labelled_fraction} is outside (0, 1]; use 0.1")
+    if cfg.support_share is not None and not 0 <= cfg.support_share <= 1:
+        raise UserError(f"support share {cfg.support_share} is outside [0, 1]; use e.g. 0.7")
     teacher = teacher_arg(cfg)
     source = resolve(teacher, "teacher")
     base = source.gguf.get("file", source.path)
