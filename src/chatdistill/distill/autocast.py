@@ -1,5 +1,5 @@
 """Two costs of bf16 autocast that training need not pay (measured on a CPU with AMX, where the
-demo trains in bf16: bench/train_throughput.py --precision bf16).
+demo trains in bf16: bench/train_precision.py, 1.29x on the demo's step).
 
 - Autocast casts a weight to bf16 at every use and caches the cast only for weights that take
   gradients. A frozen output head (the tied embedding, 28M values at a 49k vocabulary) was cast
