@@ -21,9 +21,11 @@ Stages are reused by what they were made from, not where (`demo.stages`): a move
 is still the same run.
 """
 
+import itertools
 import json
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,14 +115,19 @@ def _fits(tokenizer, row: dict) -> bool:
     return len(prompt) + ANSWER_TOKENS <= MAX_LENGTH and len(full) <= MAX_LENGTH
 
 
+def _fitting(name: str, tokenizer) -> Iterator[dict]:
+    """The split's grounded rows that fit, in order, each checked only when it is reached."""
+    rows = load_rows(demo_asset_dir() / f"{name}.jsonl")
+    return (r for r in map(ground_row, rows) if _fits(tokenizer, r))
+
+
 def _split(name: str, tokenizer, limit: int | None = None) -> list[dict]:
-    rows = [ground_row(r) for r in load_rows(demo_asset_dir() / f"{name}.jsonl")]
-    return [r for r in rows if _fits(tokenizer, r)][:limit]
+    return list(itertools.islice(_fitting(name, tokenizer), limit))
 
 
-def mix_rows(rows: list[dict], n: int, support_share: float) -> list[dict]:
+def mix_rows(rows: Iterable[dict], n: int, support_share: float) -> list[dict]:
     """The first rows of `rows`, in order, until n * support_share support rows and the rest
-    of n other rows are taken (fewer where a kind runs out)."""
+    of n other rows are taken (fewer where a kind runs out); reads no further than that."""
     want = {True: round(support_share * n)}
     want[False] = n - want[True]
     taken = {True: 0, False: 0}
@@ -130,6 +137,8 @@ def mix_rows(rows: list[dict], n: int, support_share: float) -> list[dict]:
         if taken[kind] < want[kind]:
             taken[kind] += 1
             out.append(row)
+            if len(out) == n:
+                break
     return out
 
 
@@ -142,7 +151,7 @@ def prepare_data(cfg: DemoConfig, tokenizer) -> dict[str, Path]:
     if cfg.prompts is None or cfg.support_share is None:
         train = _split("train", tokenizer, cfg.prompts)
     else:
-        train = mix_rows(_split("train", tokenizer), cfg.prompts, cfg.support_share)
+        train = mix_rows(_fitting("train", tokenizer), cfg.prompts, cfg.support_share)
     labelled = labelled_subset(train, cfg.labelled_fraction, cfg.seed)
     paths = {name: data / f"{name}.jsonl" for name in ("labelled", "prompts", "validation", "test")}
     _write_if_changed(paths["labelled"], jsonl_text(labelled))

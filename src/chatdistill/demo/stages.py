@@ -141,8 +141,8 @@ class _Beside:
     def __init__(self, name: str, out: Path, overrides: dict, key: dict, threads: int) -> None:
         self.name, self.log = name, out / f"{name}.log"
         self.metrics, self.steps = out / name / "metrics.jsonl", overrides["train.max_steps"]
-        args = {"name": name, "out": str(out), "overrides": overrides, "key": key}
-        args["parent"] = os.getpid()
+        args = {"name": name, "out": str(out), "overrides": overrides, "key": key,
+                "parent": os.getpid()}  # fmt: skip
         src = str(Path(__file__).resolve().parents[2])  # importable as this one, even uninstalled
         path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
