@@ -4,7 +4,9 @@ For every draft and draft length k the teacher answers the same chat prompts gre
 sequence on, so the answers are real ones), one at a time (batch 1, where speculation runs) and
 `--concurrency` at a time (continuous batching, where it runs only for a lone last row). Columns:
 decode tokens/s at batch 1 (tokens after the first / time after the first, summed over prompts),
-its ratio to the teacher alone measured in the same run, the draft's acceptance rate (accepted /
+its ratio to the teacher alone measured in the same run, the mean time to the first token (the
+draft reads the prompt then, beside the teacher), whole answers' speed-up at batch 1 (the teacher
+alone's total answer time / this one's, prefill included), the draft's acceptance rate (accepted /
 drafted tokens at batch 1), tokens/s under concurrent load (all tokens / wall time, prefills
 included) and whether every greedy answer is token for token the teacher's alone. Every
 configuration runs once per round, `--repeats` rounds, best time kept: load on the machine only
@@ -131,13 +133,19 @@ def main() -> None:
     for _, _, engine in configs:  # warm-up: kernels, allocator, caches
         engine.generate(prompts[:1], SamplingParams(max_new_tokens=8), batch_size=1)
 
-    best: list[dict] = [{"b1": 0.0, "load": 0.0, "drafted": 0, "accepted": 0} for _ in configs]
+    best: list[dict] = [
+        {"b1": 0.0, "ttft": float("inf"), "answers_s": float("inf"), "load": 0.0, "drafted": 0,
+         "accepted": 0}
+        for _ in configs
+    ]  # fmt: skip
     answers: list[list[list[int]]] = [[] for _ in configs]
     for _ in range(args.repeats):
         for i, (_, _, engine) in enumerate(configs):
             single, (drafted, accepted), load = run_round(engine, prompts, params, args.concurrency)
             b = best[i]
             b["b1"] = max(b["b1"], decode_rate(single) or 0.0)
+            b["ttft"] = min(b["ttft"], sum(c.time_to_first_token_s for c in single) / len(single))
+            b["answers_s"] = min(b["answers_s"], sum(c.elapsed_s for c in single))
             b["load"] = max(b["load"], load)
             b["drafted"] += drafted
             b["accepted"] += accepted
@@ -152,6 +160,8 @@ def main() -> None:
                 "draft_tokens": k,
                 "decode_tokens_per_s_batch1": round(b["b1"], 1),
                 "speedup_batch1": ratio(b["b1"], alone["b1"]),
+                "first_token_ms_batch1": round(1e3 * b["ttft"], 1),
+                "answer_speedup_batch1": ratio(alone["answers_s"], b["answers_s"]),
                 "acceptance_rate": ratio(b["accepted"], b["drafted"], 4),
                 f"tokens_per_s_concurrency{args.concurrency}": round(b["load"], 1),
                 "speedup_concurrent": ratio(b["load"], alone["load"]),
@@ -179,7 +189,8 @@ def main() -> None:
 
 def print_table(table: list[dict], concurrency: int) -> None:
     head = (
-        f"{'config':28} {'k':>2} {'tok/s b1':>9} {'x alone':>7} {'accept':>7} "
+        f"{'config':28} {'k':>2} {'tok/s b1':>9} {'x alone':>7} {'1st ms':>7} {'x answer':>8} "
+        f"{'accept':>7} "
         f"{f'tok/s c{concurrency}':>9} {'x alone':>7}  greedy identical"
     )
     print(head + "\n" + "-" * len(head))
@@ -189,6 +200,7 @@ def print_table(table: list[dict], concurrency: int) -> None:
         print(
             f"{r['config'][:28]:28} {r['draft_tokens'] or '-':>2} "
             f"{r['decode_tokens_per_s_batch1']:>9.1f} {r['speedup_batch1'] or 0:>7.2f} "
+            f"{r['first_token_ms_batch1']:>7.0f} {r['answer_speedup_batch1'] or 0:>8.2f} "
             f"{accept:>7} {r[f'tokens_per_s_concurrency{concurrency}']:>9.1f} "
             f"{r['speedup_concurrent'] or 0:>7.2f}  "
             f"{'yes' if same else 'NO'} ({r['greedy_identical']}/{r['answers']})"

@@ -192,14 +192,53 @@ def test_caches_hold_exactly_the_kept_tokens_after_each_step(teachers, drafts, p
             context = seq.prompt_ids + seq.token_ids
             assert batch.cache.get_seq_length() == int(batch.positions[0]) == len(context) - 1
             assert batch.mask.shape == (1, len(context) - 1) and int(batch.pending) == context[-1]
-            draft_len = batch.speculative._cache.get_seq_length()
-            assert draft_len == batch.speculative._cached <= len(context) - 1
+            spec = batch.speculative
+            assert spec._cache.get_seq_length() == len(spec._tokens) <= len(context) + 3
+            feed = spec._catch_up(context)  # what the next step feeds the draft
+            assert spec._tokens + feed == context and feed and len(feed) <= 2
+            assert spec._cache.get_seq_length() == len(spec._tokens)
         fresh = GrowingCache()
         kw = {cache_argument(teacher.model): fresh}
         teacher.model(input_ids=torch.tensor([context[:-1]]), use_cache=True, **kw)
         for kept, want in zip(batch.cache.layers, fresh.layers, strict=True):
             torch.testing.assert_close(kept.keys, want.keys, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(kept.values, want.values, rtol=1e-4, atol=1e-5)
+
+
+def test_the_draft_reads_a_lone_rows_prompt_during_prefill_only(teachers, drafts, prompts):
+    teacher = teachers["llama"]
+    engine = speculative(teacher, drafts["llama", "cut"], 3)
+    with torch.inference_mode():
+        batch = DecodeBatch(engine)
+        batch.add(Sequence(engine, prompts[0], SamplingParams(max_new_tokens=8)))
+        assert batch.speculative._tokens == prompts[0]  # read before the first token
+        assert batch.speculative._cache.get_seq_length() == len(prompts[0])
+        pair = DecodeBatch(engine)  # rows that decode together: no speculation, no draft prefill
+        held = list(pair.speculative._tokens)
+        pair.add_many([Sequence(engine, p, SamplingParams(max_new_tokens=8)) for p in prompts[1:3]])
+        assert pair.speculative._tokens == held
+
+
+def test_a_new_row_reuses_the_drafts_cache_for_the_prefix_it_shares(teachers, drafts, prompts):
+    """The second turn of a chat (the first turn, its answer, a new question) feeds the draft only
+    what follows the tokens it already holds, and the answers stay the teacher's."""
+    teacher = teachers["llama"]
+    params = SamplingParams(max_new_tokens=10)
+    first = teacher.generate(prompts[:1], params, batch_size=1)[0]
+    second = prompts[0] + first.token_ids + prompts[1][-6:]
+    engine = speculative(teacher, drafts["llama", "cut"], 3)
+    decoder = engine.draft.decoder()
+    fed = []
+    forward = decoder._forward
+    decoder._forward = lambda feed: fed.append(len(feed)) or forward(feed)
+    got = [engine.generate([p], params, batch_size=1)[0] for p in (prompts[0], second)]
+    want = teacher.generate([second], params)[0]
+    assert [c.token_ids for c in got] == [first.token_ids, want.token_ids]
+    prefills = [n for n in fed if n > 2]  # every other feed is one or two tokens
+    assert prefills[0] == len(prompts[0])
+    # The draft never read its last one or two tokens of the first answer (the teacher's last).
+    new_question = len(second) - len(prompts[0]) - len(first.token_ids)
+    assert len(prefills) == 2 and new_question <= prefills[1] <= new_question + 2
 
 
 def test_growing_cache_crop_drops_the_tail_and_keeps_appending():

@@ -322,6 +322,8 @@ class DecodeBatch:
             use_cache=True,
             logits_to_keep=1,
         )
+        if self.speculative is not None and not self.seqs and len(seqs) == 1:
+            self.speculative.prefill(seqs[0].prompt_ids)  # its row will decode speculatively
         tokens = sample_next(out.logits[:, -1], seqs)
         texts = [s.accept(t) for s, t in zip(seqs, tokens.tolist(), strict=True)]
         keep = [i for i, s in enumerate(seqs) if s.finish_reason is None]

@@ -15,7 +15,9 @@ Speculation runs while one sequence is decoding (batch 1: a step is memory-bound
 teacher's spare compute is free); with several rows the engine's batched step runs as before.
 `DecodeBatch.step` makes that choice. Both models keep their KV caches: after each step the rejected
 positions are cropped off, and the draft's cache catches up on tokens it missed while the batch was
-larger.
+larger. A row that will decode alone has its prompt read by the draft during prefill, and the draft
+keeps its cache from row to row, so a prompt that shares a beginning with the last one (a system
+prompt, the earlier turns of a chat) is read only from where they part.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Draft:
         self.drafted = 0
         self.accepted = 0
         self.min_confidence = MIN_CONFIDENCE
+        self._decoder: SpeculativeDecoder | None = None
 
     def counts(self) -> tuple[int, int]:
         """(drafted, accepted) tokens so far."""
@@ -65,8 +68,11 @@ class Draft:
         return self.accepted / self.drafted if self.drafted else None
 
     def decoder(self) -> SpeculativeDecoder:
-        """A decoder for one `DecodeBatch` (it holds the draft's cache for the batch's row)."""
-        return SpeculativeDecoder(self)
+        """The draft's decoder (one per draft: it holds the draft's cache, which batches share
+        from one lone row to the next)."""
+        if self._decoder is None:
+            self._decoder = SpeculativeDecoder(self)
+        return self._decoder
 
 
 def attach_draft(
@@ -154,8 +160,10 @@ def int8_linears(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class SpeculativeDecoder:
-    """Speculative steps for one `DecodeBatch` while it holds a single unpadded row. Keeps the
-    draft's KV cache for that row's sequence: the first `_cached` tokens of its context."""
+    """Speculative steps for a `DecodeBatch` while it holds a single unpadded row. Keeps the
+    draft's KV cache and the tokens it holds (`_tokens`) from one row to the next: a new row
+    reuses the part of its context it shares with them (a system prompt, the earlier turns of
+    the same chat), and the tokens the teacher rejected are dropped when the next step begins."""
 
     def __init__(self, draft: Draft) -> None:
         self.draft = draft
@@ -164,23 +172,31 @@ class SpeculativeDecoder:
         self.cache_arg = None if self.llama_cpp else cache_argument(self.model)
         # Drafts are scored in the teacher's vocabulary (its logits' width).
         self.width = draft.teacher.model.get_output_embeddings().weight.shape[0]
-        self._seq: Sequence | None = None
-        self._cache: GrowingCache | None = None
-        self._cached = 0
+        self._cache = None if self.llama_cpp else GrowingCache()
+        self._tokens: list[int] = []
+
+    def prefill(self, prompt_ids: list[int]) -> None:
+        """Let the draft read a prompt whose row is about to decode alone, while the teacher
+        prefills it: the prompt is prefill work, and the first speculative step then feeds the
+        draft one token, not the whole prompt."""
+        if len(prompt_ids) < self.draft.engine.context_length:
+            self._forward(self._catch_up(prompt_ids))
 
     def step(self, batch: DecodeBatch) -> list[str]:
         """Draft, verify and keep tokens for the batch's only row; returns [its new text] as
         `DecodeBatch.step` does. Kept tokens go through `Sequence.accept` one by one, so EOS, stop
         strings and max_new_tokens end the run where they fall."""
         seq = batch.seqs[0]
-        if seq is not self._seq:
-            self._seq, self._cache, self._cached = seq, GrowingCache(), 0  # (unused by llama.cpp)
         context = seq.prompt_ids + seq.token_ids  # ends with batch.pending, not yet in the cache
         start = int(batch.positions[0])
         assert start == len(context) - 1, "the batch's row and its sequence disagree"
         greedy = seq.params.temperature == 0
         drafted, q = self._propose(
-            context, self._draft_length(seq, len(context)), seq.params, seq.generator, greedy
+            self._catch_up(context),
+            self._draft_length(seq, len(context)),
+            seq.params,
+            seq.generator,
+            greedy,
         )
         k = len(drafted)
         out = batch.model(
@@ -204,17 +220,27 @@ class SpeculativeDecoder:
         text = ""
         for token in tokens:
             text += seq.accept(token)
-            if seq.finish_reason is not None:  # the row retires; drop the draft's cache now
-                self._seq, self._cache, self._cached = None, None, 0
+            if seq.finish_reason is not None:
                 return [text]
         kept = start + len(tokens)  # the pending token and the accepted drafts
         batch.cache.crop(kept - (start + k + 1))
-        self._cache.crop(min(0, kept - self._cached))
-        self._cached = min(self._cached, kept)
         batch.positions = batch.positions.new_full((1,), kept)
         batch.mask = batch.mask.new_ones((1, kept))
         batch.pending = batch.pending.new_tensor([tokens[-1]])
         return [text]
+
+    def _catch_up(self, context: list[int]) -> list[int]:
+        """Cut the draft's cache back to the longest prefix it shares with `context` (at most
+        all but its last token, whose logits are wanted) and return the tokens to feed it."""
+        held = self._tokens
+        n = min(len(held), len(context) - 1)
+        if held[:n] != context[:n]:
+            n = next(i for i, (a, b) in enumerate(zip(held, context)) if a != b)
+        if n < len(held):
+            if self._cache is not None:  # (llama.cpp cuts its own when fed at position n)
+                self._cache.crop(n - len(held))
+            del held[n:]
+        return context[n:]
 
     def _draft_length(self, seq: Sequence, length: int) -> int:
         """Tokens to draft for a context of `length`: a step yields up to k + 1 tokens, which
@@ -226,19 +252,19 @@ class SpeculativeDecoder:
 
     def _propose(
         self,
-        context: list[int],
+        feed: list[int],
         k: int,
         params: SamplingParams,
         generator: torch.Generator | None,
         greedy: bool,
     ) -> tuple[list[int], torch.Tensor | None]:
-        """Draft up to k tokens after `context`, stopping after one the draft gives less than
+        """Draft up to k tokens after the draft's context and `feed` (what it has not read of the
+        row's context, at least the pending token), stopping after one the draft gives less than
         `min_confidence`; returns them and, when sampling, q (one row per token, V): the filtered
         distributions they were drawn from (None under greedy decoding). Where to stop depends
         on the draft alone, so the accepted tokens still follow the teacher's distribution."""
         drafted: list[int] = []
         rows: list[torch.Tensor] = []
-        feed = context[self._cached :]  # the tokens the draft missed, at least the pending one
         for _ in range(k):
             logits = self._forward(feed)
             if greedy:
@@ -256,7 +282,8 @@ class SpeculativeDecoder:
     def _forward(self, feed: list[int]) -> torch.Tensor:
         """Feed tokens to the draft; returns its logits for the next one (V,), in the teacher's
         vocabulary: columns the teacher lacks are cut, columns the draft lacks get -inf."""
-        start, self._cached = self._cached, self._cached + len(feed)
+        start = len(self._tokens)
+        self._tokens.extend(feed)
         if self.llama_cpp:
             logits = self.draft.engine.next_logits(feed, start)[: self.width]
         else:
