@@ -27,9 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from chatdistill.openmp import limit_openmp_spin  # noqa: E402
+
+limit_openmp_spin()  # as the chatdistill command does, before torch loads its OpenMP runtime
+
+import torch  # noqa: E402
 
 import chatdistill  # noqa: E402
 from chatdistill.data import load_rows, split_prompt_reference  # noqa: E402

@@ -3,10 +3,15 @@
 User mistakes raise `UserError`; they are printed as one line and exit with status 2.
 """
 
+# ruff: noqa: E402 (libgomp's spin count must be set before torch loads it)
 import argparse
 import os
 import sys
 from collections.abc import Sequence
+
+from chatdistill.openmp import limit_openmp_spin
+
+limit_openmp_spin()
 
 import torch
 
