@@ -137,11 +137,9 @@ def main() -> None:
     for _, _, engine in configs:  # warm-up: kernels, allocator, caches
         engine.generate(prompts[:1], SamplingParams(max_new_tokens=8), batch_size=1)
 
-    best: list[dict] = [
-        {"b1": 0.0, "ttft": float("inf"), "answers_s": float("inf"), "load": 0.0, "drafted": 0,
-         "accepted": 0}
-        for _ in configs
-    ]  # fmt: skip
+    # Per configuration, over the rounds: the best speeds and times, and the draft's counts.
+    start = {"b1": 0.0, "ttft": float("inf"), "answers_s": float("inf"), "load": 0.0}
+    best = [{**start, "drafted": 0, "accepted": 0} for _ in configs]
     answers: list[list[list[int]]] = [[] for _ in configs]
     for _ in range(args.repeats):
         for i, (_, _, engine) in enumerate(configs):
